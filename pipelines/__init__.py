@@ -1,0 +1,1 @@
+"""Thin Ray stages (read -> cpldm_core -> write), storage, and the ``cpldm`` command line."""

@@ -1,0 +1,58 @@
+"""Starting or joining Ray the same way from the CLI, jobs and tests.
+
+``ensure_ray()`` joins the cluster given by ``--ray-address``/``RAY_ADDRESS`` (what ``ray job submit`` sets) or
+starts an in-process local Ray (the embedded default), bound to 127.0.0.1, with the environment variables
+that S3 access and Ray Train need forwarded to every worker.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+#: Variables forwarded to Ray workers: S3 endpoint and credentials, Ray Train's report interval.
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+    "AWS_EC2_METADATA_DISABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+)
+
+#: Defaults that keep a local cluster on loopback and Ray Train responsive (see docs/ENVIRONMENT notes).
+LOCAL_DEFAULTS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0"),
+}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
+    """Initialise Ray once per process and return the ``ray`` module.
+
+    Args:
+        address: cluster address (``auto``, ``ray://...``, ``127.0.0.1:6379``); ``None`` uses
+            ``$RAY_ADDRESS`` when set, else starts an in-process local cluster.
+        num_cpus: CPUs for a local cluster (default: all cores).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    for key, value in LOCAL_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING if quiet else logging.INFO,
+                  log_to_driver=not quiet, configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # a bounded object store keeps several local clusters (tests, demo) within a laptop's shared memory
+        store = int(float(os.environ.get("CPLDM_OBJECT_STORE_BYTES", 1.5e9)))
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 object_store_memory=store, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
+    log.info("ray: %s", ray.cluster_resources())
+    return ray

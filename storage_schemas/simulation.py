@@ -1,0 +1,37 @@
+"""Tables the simulator writes beside the JUMP-shaped raw layout: annotations and ground truth."""
+import pyarrow as pa
+
+from storage_schemas import columns as c
+from storage_schemas.spec import TableSpec, register
+
+ANNOTATIONS_MOA = register(TableSpec(
+    name="annotations_moa",
+    path="raw/annotations/moa.parquet",
+    description="single-label mechanism of action per compound",
+    schema=pa.schema([c.JCP2022, c.INCHIKEY, pa.field("Metadata_moa", pa.string(), nullable=False)]),
+))
+
+ANNOTATIONS_TARGET = register(TableSpec(
+    name="annotations_target",
+    path="raw/annotations/target.parquet",
+    description="multi-label targets, one row per (compound, target)",
+    schema=pa.schema([c.JCP2022, c.INCHIKEY, pa.field("Metadata_target", pa.string(), nullable=False)]),
+))
+
+TRUTH_COMPOUNDS = register(TableSpec(
+    name="truth_compounds",
+    path="raw/truth/compound_phenotypes.parquet",
+    description="simulator ground truth: true phenotype shift per compound (Truth_* columns, standard units)",
+    schema=pa.schema([c.JCP2022, pa.field("Metadata_moa", pa.string())]),
+    extra_columns=r"Truth_.+",
+    extra_type=pa.float64(),
+))
+
+TRUTH_CONFOUNDERS = register(TableSpec(
+    name="truth_confounders",
+    path="raw/truth/confounder_effects.parquet",
+    description="simulator ground truth: per source/batch confounder effects (Truth_* columns)",
+    schema=pa.schema([c.SOURCE, c.BATCH]),
+    extra_columns=r"Truth_.+",
+    extra_type=pa.float64(),
+))
