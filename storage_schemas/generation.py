@@ -1,4 +1,10 @@
-"""g-estimation design and the manifest of generated images."""
+"""g-estimation design and the manifest of generated images.
+
+Row numbering: design rows are ``compound_index * N + draw`` (compounds sorted), and the image of design row
+``r`` is row ``r`` of ``synthetic/<run>/images.zarr`` (``Metadata_ImageRow == Metadata_DesignRow``).
+Both tables are written one Parquet part per unit: ``part-<first block>`` for the design (parts of many
+blocks), ``block-<block>`` for the manifest.
+"""
 import pyarrow as pa
 
 from storage_schemas import columns as c
@@ -6,16 +12,17 @@ from storage_schemas.spec import TableSpec, register
 
 _DESIGN_FIELDS = [
     pa.field("run", pa.string()),
+    pa.field("Metadata_DesignRow", pa.int64(), nullable=False),  # compound_index * N + draw
+    pa.field("Metadata_Block", pa.int64(), nullable=False),      # unit of work committed as a whole
     c.JCP2022,
-    pa.field("Metadata_Draw", pa.int32(), nullable=False),     # i = 0..N-1
-    c.SOURCE, c.BATCH, c.WELL,
-    pa.field("Metadata_Seed", pa.int64(), nullable=False),     # noise seed derived from (run, compound, draw)
-    pa.field("Metadata_Block", pa.int64(), nullable=False),    # unit of work committed as a whole
+    pa.field("Metadata_Draw", pa.int32(), nullable=False),       # i = 0..N-1
+    c.SOURCE, c.BATCH, c.WELL,                                   # drawn confounders (uniform over training values)
+    pa.field("Metadata_Seed", pa.int64(), nullable=False),       # noise seed: int63 hash of (namespace, compound, i)
 ]
 
 GENERATION_DESIGN = register(TableSpec(
     name="generation_design",
-    path="synthetic_design",  # synthetic_design/run=<run>/part-<block>.parquet
+    path="synthetic_design",  # synthetic_design/run=<run>/part-<first block>.parquet
     partitioning=("run",),
     description="one row per image to generate: compound x draw with its confounder draw and seed",
     schema=pa.schema(_DESIGN_FIELDS),
@@ -23,13 +30,14 @@ GENERATION_DESIGN = register(TableSpec(
 
 SYNTHETIC_MANIFEST = register(TableSpec(
     name="synthetic_manifest",
-    path="synthetic_manifest",  # synthetic_manifest/run=<run>/part-<block>.parquet
+    path="synthetic_manifest",  # synthetic_manifest/run=<run>/block-<block>.parquet
     partitioning=("run",),
     description="one row per generated image: design row, its row in images.zarr, model and sampler",
     schema=pa.schema(_DESIGN_FIELDS + [
         pa.field("Metadata_ImageRow", pa.int64(), nullable=False),
-        pa.field("Metadata_Model", pa.string(), nullable=False),
-        pa.field("Metadata_Sampler", pa.string(), nullable=False),
+        pa.field("Metadata_Model", pa.string(), nullable=False),       # model run (models/<run>/)
+        pa.field("Metadata_ModelKind", pa.string(), nullable=False),   # scm | scm-free
+        pa.field("Metadata_Sampler", pa.string(), nullable=False),     # ddim | dpm++
         pa.field("Metadata_SamplerSteps", pa.int32(), nullable=False),
         pa.field("Metadata_GuidanceScale", pa.float32(), nullable=False),
     ]),

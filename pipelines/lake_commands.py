@@ -1,0 +1,109 @@
+"""``cpldm lake init|ls|validate``: create a lake, list its tables, check every table against its schema."""
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow.parquet as pq
+
+import storage_schemas
+from storage_schemas import spec as schema_spec
+from pipelines.storage import Lake
+
+
+def table_files(lake: Lake, name: str) -> list[str]:
+    """Lake-relative Parquet files of table ``name`` (one for file tables, the parts for directory tables)."""
+    spec = storage_schemas.table_spec(name)
+    if not spec.is_directory:
+        return [spec.path] if lake.exists(spec.path) else []
+    depth = len(spec.partitioning)
+    files = []
+    for rel in lake.ls(spec.path, recursive=True):
+        if not rel.endswith(".parquet"):
+            continue
+        inner = posixpath.relpath(rel, spec.path).split("/")
+        if len(inner) == depth + 1 and all("=" in d for d in inner[:-1]):
+            files.append(rel)
+    return files
+
+
+def validate_lake(lake: Lake) -> dict[str, list[str]]:
+    """Every problem of every table in the lake, per table (``{}`` when the lake is valid).
+
+    Reads each file's schema and data (nulls in non-nullable columns) and checks the schema version stored in
+    its metadata.
+    """
+    found: dict[str, list[str]] = {}
+    for name in sorted(storage_schemas.TABLES):
+        for rel in table_files(lake, name):
+            issues = []
+            try:
+                with lake.fs.open(lake.fs_path(rel), "rb") as fh:
+                    table = pq.read_table(fh)
+            except Exception as exc:  # unreadable file is itself a finding
+                found.setdefault(name, []).append(f"{rel}: not a readable Parquet file ({exc})")
+                continue
+            meta = table.schema.metadata or {}
+            version = meta.get(schema_spec.META_SCHEMA_VERSION)
+            if version is None:
+                issues.append("no cpldm schema version in its metadata (not written by cpldm?)")
+            elif version.decode() != storage_schemas.SCHEMA_VERSION:
+                issues.append(f"schema version {version.decode()}, this cpldm reads {storage_schemas.SCHEMA_VERSION}")
+            issues += storage_schemas.problems(table, name)
+            if issues:
+                found.setdefault(name, []).extend(f"{rel}: {p}" for p in issues)
+    return found
+
+
+def _cmd_init(args) -> int:
+    from pipelines.cli import lake_from_args
+    lake = lake_from_args(args)
+    info = lake.init(create_bucket=args.create_bucket)
+    print(f"lake ready at {lake.uri} (schema version {info['schema_version']})")
+    return 0
+
+
+def _cmd_ls(args) -> int:
+    from pipelines.cli import lake_from_args
+    lake = lake_from_args(args)
+    lake.check_reachable()
+    print(f"{'table':24s} {'files':>6s} {'rows':>10s}  path")
+    for name in sorted(storage_schemas.TABLES):
+        files = table_files(lake, name)
+        if not files and not args.all:
+            continue
+        rows = 0
+        for rel in files:
+            with lake.fs.open(lake.fs_path(rel), "rb") as fh:
+                rows += pq.ParquetFile(fh).metadata.num_rows
+        print(f"{name:24s} {len(files):6d} {rows:10d}  {storage_schemas.TABLES[name].path}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from pipelines.cli import lake_from_args
+    lake = lake_from_args(args)
+    lake.check_reachable()
+    found = validate_lake(lake)
+    if not found:
+        n = sum(len(table_files(lake, t)) for t in storage_schemas.TABLES)
+        print(f"lake {lake.uri}: {n} table file(s), all valid")
+        return 0
+    total = sum(len(v) for v in found.values())
+    print(f"lake {lake.uri}: {total} problem(s)")
+    for name, items in found.items():
+        for item in items:
+            print(f"  [{name}] {item}")
+    return 1
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("lake", help="create, list and validate a lake")
+    lake_sub = p.add_subparsers(dest="lake_command", metavar="<init|ls|validate>", required=True)
+    init = lake_sub.add_parser("init", help="create the lake root (and its S3 bucket with --create-bucket)")
+    init.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist")
+    init.set_defaults(func=_cmd_init)
+    ls = lake_sub.add_parser("ls", help="list the lake's tables with file and row counts")
+    ls.add_argument("--all", action="store_true", help="also list tables not yet written")
+    ls.set_defaults(func=_cmd_ls)
+    val = lake_sub.add_parser("validate", help="check every table against its schema; report all problems")
+    val.set_defaults(func=_cmd_validate)
