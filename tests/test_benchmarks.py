@@ -1,0 +1,134 @@
+"""Benchmark harness: quick mode produces complete figures; failures and timeouts are recorded, not fatal.
+
+The stage benchmarks are heavy, so the real run here is bench_duckdb at a tiny size (its quick mode with
+``sizes``/``repeat``/``queries`` overridden through the harness options); every other discovered module is
+checked statically for the ``run(quick)`` contract. ``CPLDM_BENCH_ALL=1`` runs every module's quick mode.
+"""
+from __future__ import annotations
+
+import ast
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks import harness
+from benchmarks.__main__ import parse_options
+
+
+def _check_figures(rows: list[dict]) -> None:
+    assert rows
+    for r in rows:
+        if r["metric"] == "run":
+            continue
+        label = f"{r['stage']}: {r['benchmark']} / {r['metric']}"
+        assert r["status"] == "ok", label
+        assert math.isfinite(r["value"]) and r["value"] > 0, label
+        assert r["unit"].strip(), label
+        assert math.isnan(r["peak_mem_mb"]) or r["peak_mem_mb"] > 0, label
+        assert r["device"], label
+
+
+def test_duckdb_quick_through_harness(tmp_path):
+    results = tmp_path / "results"
+    md = tmp_path / "RESULTS.md"
+    outcomes = harness.run_benchmarks(
+        ["duckdb"], quick=True, results_dir=results, results_md=md, log=lambda _msg: None,
+        options={"duckdb": {"sizes": [2000], "repeat": 1, "queries": ["groupby_plate"]}})
+    assert outcomes["duckdb"]["status"] == "ok", outcomes["duckdb"].get("error")
+    rows = pq.read_table(results / "duckdb.parquet").to_pylist()
+    _check_figures(rows)
+    metrics = {(r["benchmark"], r["metric"], r["unit"]) for r in rows}
+    for engine in ("duckdb", "polars", "pandas"):
+        assert ("groupby_plate/2k rows", f"{engine} throughput", "rows/s") in metrics
+    assert ("groupby_plate/2k rows", "duckdb speed-up vs pandas", "x") in metrics
+    # the ratio is the ratio of the measured times of the same run
+    by_metric = {r["metric"]: r for r in rows}
+    ratio = by_metric["duckdb throughput"]["value"] / by_metric["pandas throughput"]["value"]
+    assert by_metric["duckdb speed-up vs pandas"]["value"] == pytest.approx(ratio)
+    assert all(r["peak_mem_mb"] > 0 and r["machine"] and r["run_date"] for r in rows)
+    text = md.read_text()
+    assert "## duckdb" in text and rows[0]["machine"] in text and "duckdb throughput" in text
+
+
+def test_all_discovered_modules_expose_run_quick():
+    names = harness.discover()
+    assert "duckdb" in names
+    for name in names:
+        tree = ast.parse((harness.BENCH_DIR / f"bench_{name}.py").read_text())
+        runs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run"]
+        assert runs, f"bench_{name}.py defines no run()"
+        params = [a.arg for a in runs[0].args.args]
+        assert params[:1] == ["quick"], f"bench_{name}.run must take quick first, has {params}"
+
+
+@pytest.mark.skipif(os.environ.get("CPLDM_BENCH_ALL") != "1", reason="set CPLDM_BENCH_ALL=1 (slow)")
+def test_every_module_quick(tmp_path):
+    outcomes = harness.run_benchmarks(quick=True, results_dir=tmp_path / "r", results_md=tmp_path / "R.md")
+    failed = {n: o["error"] for n, o in outcomes.items() if o["status"] != "ok"}
+    assert not failed, failed
+    for path in (tmp_path / "r").glob("*.parquet"):
+        _check_figures(pq.read_table(path).to_pylist())
+
+
+FAKE_MODULES = {
+    "ok": "def run(quick, scale=1.0):\n"
+          "    return [{'benchmark': 'b', 'metric': 'm', 'value': 2.0 * scale, 'unit': 'items/s',\n"
+          "             'peak_mem_mb': None, 'notes': 'quick' if quick else 'full'},\n"
+          "            {'benchmark': 'b', 'metric': 'mm', 'value': 494.7, 'unit': 'TFLOP/s',\n"
+          "             'peak_mem_mb': 1.0, 'notes': '', 'device': 'cuda:0 (NVIDIA H100 80GB HBM3)'}]\n",
+    "boom": "def run(quick):\n    raise RuntimeError('simulated failure in boom')\n",
+    "zero": "def run(quick):\n    return [{'benchmark': 'b', 'metric': 'm', 'value': 0.0, 'unit': 'items/s',\n"
+            "             'peak_mem_mb': 1.0, 'notes': ''}]\n",
+    "slow": "import time\ndef run(quick):\n    time.sleep(60)\n",
+}
+
+
+def test_failures_timeouts_and_gpu_fraction_are_recorded(tmp_path):
+    pkg = tmp_path / "fakebench"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name, src in FAKE_MODULES.items():
+        (pkg / f"bench_{name}.py").write_text(src)
+    results, md = tmp_path / "results", tmp_path / "RESULTS.md"
+    outcomes = harness.run_benchmarks(quick=True, results_dir=results, results_md=md, timeout_s=8,
+                                      bench_dir=pkg, package="fakebench", log=lambda _msg: None,
+                                      options={"ok": {"scale": 3.0}})
+    assert {n: o["status"] for n, o in outcomes.items()} == {
+        "boom": "failed", "ok": "ok", "slow": "timeout", "zero": "failed"}
+    ok = pq.read_table(results / "ok.parquet").to_pylist()
+    assert ok[0]["value"] == 6.0 and ok[0]["notes"].startswith("quick")          # option passed through
+    # a figure without its own peak gets the process high-water mark, and says so
+    assert 1.0 < ok[0]["peak_mem_mb"] <= ok[0]["process_peak_rss_mb"] and "process peak RSS" in ok[0]["notes"]
+    frac = [r for r in ok if r["unit"] == "fraction"]
+    assert len(frac) == 1 and frac[0]["value"] == pytest.approx(494.7 / 989.4)
+    boom = pq.read_table(results / "boom.parquet").to_pylist()
+    assert boom[0]["status"] == "failed" and "simulated failure in boom" in boom[0]["notes"]
+    text = md.read_text()
+    assert "**FAILED**" in text and "simulated failure in boom" in text and "**TIMEOUT**" in text
+    assert "is not a finite positive number" in text
+
+
+def test_normalise_rows_rejects_incomplete_figures():
+    good = {"benchmark": "b", "metric": "m", "value": 1.0, "unit": "x", "peak_mem_mb": 1.0, "notes": ""}
+    assert harness.normalise_rows([good], "s")[0]["device"] == "cpu"
+    for bad, msg in [({**good, "unit": " "}, "has no unit"), ({**good, "value": float("nan")}, "finite positive"),
+                     ({k: v for k, v in good.items() if k != "notes"}, "lacks notes"),
+                     ({**good, "cost_stage": "paint"}, "cost_stage")]:
+        with pytest.raises(ValueError, match=msg):
+            harness.normalise_rows([bad], "s")
+    with pytest.raises(ValueError, match="non-empty list"):
+        harness.normalise_rows([], "s")
+
+
+def test_peak_flops_table_and_options():
+    assert harness.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert harness.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert harness.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert harness.peak_bf16_flops("NVIDIA L40S") == 362.05e12
+    assert harness.peak_bf16_flops("Tesla T4") is None
+    assert parse_options(["duckdb.sizes=[10,20]", "duckdb.note=abc", "x.n=3"]) == {
+        "duckdb": {"sizes": [10, 20], "note": "abc"}, "x": {"n": 3}}
+    with pytest.raises(SystemExit):
+        parse_options(["nodot=1"])
