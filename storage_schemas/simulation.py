@@ -1,4 +1,12 @@
-"""Tables the simulator writes beside the JUMP-shaped raw layout: annotations and ground truth."""
+"""Tables the simulator writes beside the JUMP-shaped raw layout: annotations and ground truth.
+
+Truth columns (cpldm_core.simulate.world): per compound ``Truth_<phenotype>`` for the 14 phenotype dimensions
+(NucleusArea, NucleusIntensity, NucleusTexture, CellArea, CellElongation, ERIntensity, ERTexture,
+MitoIntensity, MitoGranularity, AGPIntensity, AGPMembrane, RNAIntensity, Nucleoli, CellCount; standard units,
+DMSO = 0); per (source, batch) ``Truth_Gain_<channel>``, ``Truth_SourceBlur``, ``Truth_Background``,
+``Truth_ReadNoise``, ``Truth_IllumAmplitude``, ``Truth_IllumCentreX/Y``, ``Truth_CellDensity``,
+``Truth_CellSize``, ``Truth_EdgeIntensity``, ``Truth_EdgeDensity``.
+"""
 import pyarrow as pa
 
 from storage_schemas import columns as c
@@ -21,7 +29,8 @@ ANNOTATIONS_TARGET = register(TableSpec(
 TRUTH_COMPOUNDS = register(TableSpec(
     name="truth_compounds",
     path="raw/truth/compound_phenotypes.parquet",
-    description="simulator ground truth: true phenotype shift per compound (Truth_* columns, standard units)",
+    description="simulator ground truth: true phenotype shift per compound (Truth_* columns, standard units; "
+                "Metadata_moa null for DMSO)",
     schema=pa.schema([c.JCP2022, pa.field("Metadata_moa", pa.string())]),
     extra_columns=r"Truth_.+",
     extra_type=pa.float64(),
