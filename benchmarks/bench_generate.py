@@ -1,0 +1,201 @@
+"""Generation throughput: images/s per actor for DDIM-50 and DPM-Solver++-20, 1 vs 2 actors, and the memory of
+streaming a >= 20,000-image design.
+
+The lake is a *toy* one built here (random-weight tiny/small U-Net and VAE of the real classes, random
+compound vectors, 3 sources x 2 batches, a 4 x 6 well grid): throughput depends on the network shapes and the
+sampler, not on the weights. ``python -m benchmarks.bench_generate [--quick]`` prints a markdown table.
+
+:func:`build_toy_lake` is also what ``tests/test_generate.py`` generates from.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+SOURCES = ("source_1", "source_2", "source_3")
+BATCHES = tuple((s, f"{s}_2024_0{k + 1}_Batch{k + 1}") for s in SOURCES for k in range(2))
+WELLS = tuple(f"{r}{c:02d}" for r in "ABCD" for c in range(1, 7))
+TOY_ENCODER = "toy-enc"
+TOY_VAE = "toy-vae"
+
+
+def toy_compounds(n: int) -> list[str]:
+    from storage_schemas.columns import DMSO_JCP2022
+    return [DMSO_JCP2022] + [f"JCP2022_{k:06d}" for k in range(1, n)]
+
+
+def build_toy_lake(lake, kinds=("scm", "scm-free"), n_compounds: int = 6, unet: str = "tiny",
+                   latent_side: int = 4, vae_arch: str = "tiny", compound_dim: int = 16, seed: int = 0) -> dict:
+    """Write a trained-looking toy lake: ``models/<kind>/final`` for each kind, ``vae/toy-vae``,
+    ``latents/toy-vae/normalisation.json``, an ``embeddings`` partition (committed), ``split_compounds`` and
+    ``split_batches``. Images are ``8 * latent_side`` px square. Returns what was written."""
+    import torch
+
+    from cpldm_core.autoencoder import build_vae
+    from cpldm_core.denoiser import UNET_PRESETS, ConfounderAwareDenoiser, ConfounderVocab
+    from cpldm_core.diffusion import ScheduleConfig
+    from pipelines.embed import unit_stage
+
+    compounds = toy_compounds(n_compounds)
+    vocab = ConfounderVocab.fit([s for s, _ in BATCHES], [b for _, b in BATCHES], WELLS)
+    unet_cfg = dict(UNET_PRESETS[unet], sample_size=latent_side)
+    metadata = {"schedule": ScheduleConfig().to_dict(), "vae_id": TOY_VAE, "encoder_id": TOY_ENCODER}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for kind in kinds:
+            torch.manual_seed(seed)   # per component: the weights must not depend on which kinds were built
+            model = ConfounderAwareDenoiser(unet=unet_cfg, kind=kind, vocab=vocab, compound_dim=compound_dim,
+                                            metadata=metadata)
+            model.save_pretrained(tmp / kind)
+            for f in sorted((tmp / kind).iterdir()):
+                lake.write_bytes(f"models/{kind}/final/{f.name}", f.read_bytes())
+        torch.manual_seed(seed + 1)
+        vae = build_vae(vae_arch, sample_size=8 * latent_side)
+        vae.save_pretrained(tmp / "vae")
+        for f in sorted((tmp / "vae").iterdir()):
+            lake.write_bytes(f"vae/{TOY_VAE}/{f.name}", f.read_bytes())
+    lake.write_json(f"latents/{TOY_VAE}/normalisation.json",
+                    {"method": "global-per-channel-robust-percentile", "low": [100.0, 200.0, 150.0, 120.0, 90.0],
+                     "high": [40000.0, 30000.0, 35000.0, 25000.0, 20000.0]})
+    # what ingest records beside a latent cache: where the VAE is and the channel groups
+    lake.write_json(f"latents/{TOY_VAE}/config.json",
+                    {"config": {"channel_groups": [[0, 1, 2], [2, 3, 4]]},
+                     "vae_source": {"vae_id": TOY_VAE, "kind": "lake", "path": f"vae/{TOY_VAE}", "subfolder": None}})
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(len(compounds), compound_dim)).astype(np.float32)
+    table = pa.table({
+        "Metadata_JCP2022": compounds, "Metadata_InChIKey": [f"KEY{k}" for k in range(len(compounds))],
+        "Metadata_CanonicalSMILES": ["C" * (k + 1) for k in range(len(compounds))],
+        "embedding": pa.array(list(vectors), type=pa.list_(pa.float32())),
+        "Metadata_TokenRow": pa.nulls(len(compounds), pa.int64())})
+    lake.write_named("embeddings", table, part="part-toy", partition={"encoder": TOY_ENCODER})
+    lake.commit_unit(unit_stage(TOY_ENCODER), "part-toy")
+    split = ["seen" if k % 3 else "unseen" for k in range(len(compounds))]
+    lake.write_named("split_compounds", pa.table({"Metadata_JCP2022": compounds, "Metadata_CompoundSplit": split}))
+    lake.write_named("split_batches", pa.table({"Metadata_Source": [s for s, _ in BATCHES],
+                                                "Metadata_Batch": [b for _, b in BATCHES],
+                                                "Metadata_BatchSplit": ["train"] * len(BATCHES)}))
+    return {"compounds": compounds, "vocab": vocab, "image_side": 8 * latent_side}
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+def _throughput(lake, model_run: str, sampler: str, steps: int, actors: int, n_compounds: int, draws: int,
+                run: str, use_ray: bool) -> dict:
+    from cpldm_core.design import GenerateConfig
+    from pipelines import generate
+
+    cfg = GenerateConfig(model_run=model_run, run=run, draws=draws, compounds="all", sampler=sampler, steps=steps,
+                         block_size=8, batch_size=8, actors=actors, cpus_per_actor=1.0, design_part_rows=4096)
+    summary = generate.run(lake, cfg, use_ray=use_ray)
+    # exclude actor start-up (model load, diffusers import): time from the block markers
+    infos = [lake.unit_info(generate.block_stage(run), generate.block_unit(b)) for b in range(summary["blocks"])]
+    busy = sum(i["seconds"] for i in infos)
+    return {"images": summary["images"], "wall_s": summary["seconds"], "busy_s": busy,
+            "per_actor": summary["images"] / busy * 1.0, "aggregate": summary["images"] / summary["seconds"]}
+
+
+def _design_memory(n_images: int) -> dict:
+    """Stream a design of ``n_images`` rows block by block (as ``cpldm generate`` does): peak Python heap."""
+    from cpldm_core.design import ConfounderSpace, DesignSpec
+
+    draws = 100
+    compounds = tuple(f"JCP2022_{k:06d}" for k in range(max(1, n_images // draws)))
+    spec = DesignSpec("bench", compounds, draws, ConfounderSpace(BATCHES, WELLS), block_size=256)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    rows = 0
+    for frame in spec.iter_blocks():
+        rows += len(frame)
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"rows": rows, "seconds": seconds, "peak_mb": peak / 2 ** 20}
+
+
+def _start_own_ray(num_cpus: int) -> None:
+    """A private local Ray (``address="local"``): never joins a cluster another process started with
+    ``ray start`` on this machine (plain ``ray.init()`` would, and then refuses ``num_cpus``)."""
+    import ray
+
+    from pipelines.ray_runtime import FORWARDED_ENV, LOCAL_DEFAULTS
+
+    if ray.is_initialized():
+        return
+    for key, value in LOCAL_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    for attempt in range(3):   # a raylet gets 30 s to register: not always enough on a loaded 2-core machine
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     object_store_memory=int(1e9), configure_logging=True, log_to_driver=False,
+                     runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}})
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+
+
+def run(quick: bool, **options) -> list[dict]:
+    """Benchmark rows (see module docstring). quick: tiny U-Net, fewer images; full: small U-Net too."""
+    from benchmarks import harness
+    from pipelines.storage import Lake
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    rows: list[dict] = []
+    nets = [("tiny", 4)] if quick else [("tiny", 4), ("small", 16)]   # small at 16x16 = the demo (128 px crops)
+    n_compounds, draws = (4, 4) if quick else (8, 4)
+    samplers = [("ddim", 50), ("dpm++", 20)]
+    _start_own_ray(num_cpus=2)
+    for unet, side in nets:
+        work = Path(tempfile.mkdtemp(dir=harness.work_dir("generate")))
+        try:
+            lake = Lake(str(work / "lake"))
+            lake.init()
+            build_toy_lake(lake, kinds=("scm",), n_compounds=n_compounds, unet=unet, latent_side=side,
+                           vae_arch="tiny" if unet == "tiny" else "small")
+            px = 8 * side
+            for sampler, steps in samplers:
+                for actors in (1, 2):
+                    name = f"{unet}-{sampler}-{actors}"
+                    r = _throughput(lake, "scm", sampler, steps, actors, n_compounds, draws, name, use_ray=True)
+                    rows.append({
+                        "benchmark": f"generate {unet} U-Net {px}px {sampler}-{steps}",
+                        "metric": f"images/s per actor ({actors} actor{'s' if actors > 1 else ''})",
+                        "value": r["per_actor"], "unit": "images/s", "peak_mem_mb": harness.peak_rss_mb(),
+                        "cost_stage": "generate", "cost_per": "vcpu",
+                        "notes": f"{r['images']} images, 1 CPU/actor, block 8; sampling+decode+write time summed "
+                                 f"over blocks ({r['busy_s']:.1f} s); random weights"})
+                    rows.append({
+                        "benchmark": f"generate {unet} U-Net {px}px {sampler}-{steps}",
+                        "metric": f"images/s end to end ({actors} actor{'s' if actors > 1 else ''})",
+                        "value": r["aggregate"], "unit": "images/s", "peak_mem_mb": harness.peak_rss_mb(),
+                        "notes": f"wall {r['wall_s']:.1f} s incl. actor start (model load, diffusers import) "
+                                 "and design writing"})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    n = 20_000 if quick else 1_000_000
+    m = _design_memory(n)
+    rows.append({"benchmark": f"design streaming {n:,} images", "metric": "design rows/s", "value": m["rows"] / m["seconds"],
+                 "unit": "rows/s", "peak_mem_mb": harness.peak_rss_mb(),
+                 "notes": f"peak Python heap while streaming: {m['peak_mb']:.2f} MiB (block 256); the design is "
+                          "never held whole, so memory does not grow with N x compounds"})
+    rows.append({"benchmark": f"design streaming {n:,} images", "metric": "peak heap while streaming",
+                 "value": m["peak_mb"], "unit": "MiB", "peak_mem_mb": harness.peak_rss_mb(),
+                 "notes": "tracemalloc peak over the whole stream"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks import harness
+    harness.module_main(run, argv)
+
+
+if __name__ == "__main__":
+    main()

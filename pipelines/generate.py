@@ -1,0 +1,700 @@
+"""``cpldm generate``: mass generation with g-estimation, from a pool of model-holding Ray actors.
+
+Recipe (METHOD.md "Generation"):
+
+1. resolve the trained model (``models/<model_run>/final/``), its confounder vocabulary, VAE, normalisation
+   statistics and compound encoder;
+2. select compounds (``seen|unseen|all|FILE``; DMSO added), reject those without an embedding (``rejects``);
+3. write the design table ``generation_design`` (partition ``run=<gen_run>``) streamed in parts, each committed;
+4. create ``synthetic/<gen_run>/images.zarr`` (N_rows, 5, H, W) uint16, one chunk per image, one shard per block;
+5. ``actors`` :class:`BlockGenerator` actors (each loads U-Net + VAE once) stream over the uncommitted design
+   blocks: sample latents (DDIM / DPM-Solver++) -> decode 8 latent channels to 5 image channels -> de-normalise
+   to uint16 -> write the block's rows and its ``synthetic_manifest`` part (+ TIFFs); the driver then commits
+   the block's marker.
+
+Exactly-once: a block's outputs live at keys only that block writes (its image rows, its shard, its manifest
+part), so a killed run rerun with the same settings redoes the uncommitted blocks and overwrites their partial
+output; every row's noise comes from its own seed, so redone blocks are bit-identical.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import posixpath
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from cpldm_core.configuration import load_config
+from cpldm_core.design import ConfounderSpace, DesignSpec, GenerateConfig, generate_preset
+from cpldm_core.errors import UserError
+from storage_schemas import columns as cols
+from storage_schemas.zarr_layouts import SYNTHETIC_IMAGES
+
+log = logging.getLogger(__name__)
+
+STAGE = "generate"
+IMAGES_ARRAY = SYNTHETIC_IMAGES.array
+#: Spatial compression of the SD/SDXL VAE family (4 levels -> 2^3); an image side is 8 x the latent side.
+VAE_DOWNSAMPLE = 8
+#: Default compound encoder when the model does not record one (the embed stage's default id).
+DEFAULT_ENCODER = "morgan-r2-2048"
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def run_dir(gen_run: str) -> str:
+    return f"synthetic/{gen_run}"
+
+
+def images_path(gen_run: str) -> str:
+    return SYNTHETIC_IMAGES.path.format(run=gen_run)
+
+
+def design_stage(gen_run: str) -> str:
+    return f"{STAGE}-design-{gen_run}"
+
+
+def block_stage(gen_run: str) -> str:
+    return f"{STAGE}-{gen_run}"
+
+
+def block_unit(block: int) -> str:
+    return f"block-{block:06d}"
+
+
+def model_rel(model_run: str) -> str:
+    return f"models/{model_run}/final"
+
+
+# ---------------------------------------------------------------------------------------------- model lookup
+def _find_key(tree: Any, *keys: str) -> Any:
+    """First value under any of ``keys`` in a nested dict (breadth-first); ``None`` when absent."""
+    queue = [tree]
+    while queue:
+        node = queue.pop(0)
+        if isinstance(node, dict):
+            for k in keys:
+                if node.get(k) not in (None, ""):
+                    return node[k]
+            queue.extend(v for v in node.values() if isinstance(v, dict))
+    return None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What generation needs to know about a trained run (read from ``models/<run>/final/config.json``)."""
+
+    model_run: str
+    rel_dir: str              # lake-relative model directory
+    kind: str                 # scm | scm-free
+    vocab: dict               # ConfounderVocab.to_dict()
+    metadata: dict
+    latent_shape: tuple[int, int, int]
+    compound_input: str
+
+
+def resolve_model(lake, model_run: str) -> ModelInfo:
+    """Read a trained model's config (``models/<run>/final/`` or, failing that, ``models/<run>/``)."""
+    for rel in (model_rel(model_run), f"models/{model_run}"):
+        if lake.exists(f"{rel}/config.json") and lake.exists(f"{rel}/weights.pt"):
+            cfg = lake.read_json(f"{rel}/config.json")
+            break
+    else:
+        raise UserError(f"no trained model '{model_run}' in {lake.uri} (expected {model_rel(model_run)}/"
+                        "config.json and weights.pt); run `cpldm train` first or pass --model-run")
+    unet = cfg.get("unet") or {}
+    size = int(unet.get("sample_size", 0))
+    channels = int(unet.get("in_channels", 8))
+    if not size:
+        raise UserError(f"{rel}/config.json: U-Net config lacks sample_size")
+    vocab = cfg.get("vocab")
+    if not vocab:
+        if lake.exists(f"{rel}/vocab.json"):
+            vocab = lake.read_json(f"{rel}/vocab.json")
+    if not vocab or not vocab.get("batches"):
+        raise UserError(f"{rel}: no confounder vocabulary (vocab.json): cannot draw training batches and wells")
+    return ModelInfo(model_run=model_run, rel_dir=rel, kind=str(cfg.get("kind", "scm")), vocab=vocab,
+                     metadata=dict(cfg.get("metadata") or {}), latent_shape=(channels, size, size),
+                     compound_input=str(cfg.get("compound_input", "pooled")))
+
+
+def confounder_space(lake, model: ModelInfo) -> ConfounderSpace:
+    """p'(C): the model's training batches (each with its source) and training wells (rows x columns)."""
+    from cpldm_core.design import wells_from_vocab
+
+    batches = list(model.vocab["batches"])
+    mapping = _find_key(model.metadata, "batch_sources") or {}
+    if not all(b in mapping for b in batches):
+        for table in ("split_batches", "latent_index", "sites"):
+            try:
+                frame = lake.read_named(table, columns=["Metadata_Source", "Metadata_Batch"]).to_pandas()
+            except Exception:  # table absent in this lake: try the next source of the mapping
+                continue
+            mapping = {**dict(zip(frame["Metadata_Batch"], frame["Metadata_Source"])), **mapping}
+            if all(b in mapping for b in batches):
+                break
+    missing = [b for b in batches if b not in mapping]
+    if missing:
+        raise UserError(f"cannot find the source of training batch(es) {missing[:5]} (model '{model.model_run}'): "
+                        "neither the model metadata (batch_sources) nor split_batches/latent_index list them")
+    sources = set(model.vocab.get("sources") or [])
+    if sources and not {mapping[b] for b in batches} <= sources:
+        extra = sorted({mapping[b] for b in batches} - sources)
+        raise UserError(f"batches map to source(s) {extra} that model '{model.model_run}' was not trained on")
+    wells = wells_from_vocab(rows=model.vocab.get("well_rows"), columns=model.vocab.get("well_cols"),
+                             wells=model.vocab.get("wells"))
+    return ConfounderSpace(tuple((mapping[b], b) for b in batches), wells)
+
+
+def encoder_of(lake, model: ModelInfo) -> str:
+    enc = _find_key(model.metadata, "encoder_id", "encoder")
+    if enc:
+        return str(enc)
+    found = [p.split("encoder=", 1)[1] for p in lake.ls("embeddings") if "encoder=" in p]
+    if len(found) == 1:
+        return found[0]
+    if DEFAULT_ENCODER in found or not found:
+        return DEFAULT_ENCODER
+    raise UserError(f"model '{model.model_run}' does not record its compound encoder and the lake has several "
+                    f"({', '.join(found)}); set it in the model metadata (encoder_id)")
+
+
+def vae_source(lake, model: ModelInfo, override: str | None) -> dict:
+    """Where the model's VAE is: ``{"vae_id", "location", "subfolder", "channel_groups"}``.
+
+    ``location`` is ``lake:<rel dir>`` for a VAE fitted into the lake, else a path/model id for
+    ``from_pretrained``. Default: what ingest recorded for the model's ``vae_id`` (``latents/<vae_id>/config.json``,
+    key ``vae_source``); ``override`` (``--vae``) names a lake VAE or a path/id instead.
+    """
+    from cpldm_core.autoencoder import DEFAULT_GROUPS
+
+    vae_id = _find_key(model.metadata, "vae_id")
+    if not vae_id:
+        found = [posixpath.basename(p) for p in lake.ls("latents") if lake.exists(f"{p}/normalisation.json")]
+        if len(found) != 1:
+            raise UserError(f"model '{model.model_run}' does not record its vae_id and latents/ holds "
+                            f"{found or 'none'}; add vae_id to the model metadata")
+        vae_id = found[0]
+    recorded = lake.read_json(f"latents/{vae_id}/config.json") if lake.exists(f"latents/{vae_id}/config.json") else {}
+    groups = (recorded.get("config") or {}).get("channel_groups") or DEFAULT_GROUPS
+    source = recorded.get("vae_source") or {}
+    subfolder = source.get("subfolder")
+    if override:
+        location, subfolder = override, None
+    elif source.get("kind") == "lake":
+        location = f"lake:{source['path']}"
+    elif source.get("path"):
+        location = str(source["path"])
+    else:
+        location = str(vae_id)
+    if not location.startswith("lake:") and "/" not in location.strip("/") and lake.exists(f"vae/{location}/config.json"):
+        location = f"lake:vae/{location}"
+    return {"vae_id": str(vae_id), "location": location, "subfolder": subfolder,
+            "channel_groups": [list(map(int, g)) for g in groups]}
+
+
+def read_normalisation(lake, vae_id: str) -> dict:
+    rel = f"latents/{vae_id}/normalisation.json"
+    if not lake.exists(rel):
+        raise UserError(f"{lake.uri_of(rel)} is missing: generation needs the ingest normalisation statistics "
+                        "to map images back to uint16; run `cpldm ingest` first")
+    norm = lake.read_json(rel)
+    if len(norm.get("low", [])) != len(cols.CHANNELS) or len(norm.get("high", [])) != len(cols.CHANNELS):
+        raise UserError(f"{lake.uri_of(rel)}: expected 5 'low' and 5 'high' values")
+    return norm
+
+
+def local_copy(lake, rel: str) -> str:
+    """A local directory holding lake directory ``rel`` (the directory itself for local lakes)."""
+    if not lake.is_s3:
+        return lake.fs_path(rel)
+    target = tempfile.mkdtemp(prefix="cpldm-gen-")
+    for path in lake.ls(rel, recursive=True):
+        dest = Path(target) / posixpath.relpath(path, rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(lake.read_bytes(path))
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- compounds
+def read_compound_file(path: str) -> list[str]:
+    """JCP2022 ids from a text file (one per line), CSV/TSV or Parquet with a ``Metadata_JCP2022`` column."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"--compounds {path}: no such file (or use seen|unseen|all)")
+    if p.suffix == ".parquet":
+        frame = pd.read_parquet(p)
+    elif p.suffix in (".csv", ".tsv", ".gz"):
+        frame = pd.read_csv(p, sep="\t" if ".tsv" in p.name else ",")
+    else:
+        ids = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        return ids
+    if "Metadata_JCP2022" not in frame.columns:
+        raise UserError(f"{path}: needs a Metadata_JCP2022 column (has {', '.join(map(str, frame.columns))})")
+    return [str(x) for x in frame["Metadata_JCP2022"].dropna()]
+
+
+def select_compounds(lake, config: GenerateConfig, encoder: str) -> tuple[list[str], list[dict]]:
+    """(compounds to generate, rejects). Compounds lacking an embedding are rejected with the reason."""
+    from pipelines.embed import read_embeddings_table
+
+    choice = config.compounds
+    if choice in ("seen", "unseen", "all"):
+        split = lake.read_named("split_compounds").to_pandas()
+        if choice != "all":
+            split = split[split["Metadata_CompoundSplit"] == choice]
+        wanted = split["Metadata_JCP2022"].astype(str).tolist()
+    else:
+        wanted = read_compound_file(choice)
+    if config.include_negcon:
+        wanted.append(cols.DMSO_JCP2022)
+    wanted = sorted(set(wanted))
+    have = set(read_embeddings_table(lake, encoder, columns=["Metadata_JCP2022"])
+               .column("Metadata_JCP2022").to_pylist())
+    rejects = [{"item": c, "reason": f"no embedding for encoder {encoder!r} (run `cpldm embed`)"}
+               for c in wanted if c not in have]
+    return [c for c in wanted if c in have], rejects
+
+
+# ---------------------------------------------------------------------------------------------- the job
+@dataclass(frozen=True)
+class GenerationJob:
+    """Everything an actor needs (picklable: strings, numbers and the design spec)."""
+
+    gen_run: str
+    spec: DesignSpec
+    model: ModelInfo
+    encoder: str
+    vae_location: str
+    vae_subfolder: str | None
+    vae_id: str
+    channel_groups: tuple
+    normalisation: dict
+    sampler: str
+    steps: int
+    guidance_scale: float
+    batch_size: int
+    device: str
+    threads: int
+    export_tiff: bool
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        _, h, w = self.model.latent_shape
+        return (len(cols.CHANNELS), h * VAE_DOWNSAMPLE, w * VAE_DOWNSAMPLE)
+
+
+class BlockGenerator:
+    """Model-holding worker: loads U-Net and VAE once; ``gen(block)`` generates and writes one design block.
+
+    Usable without Ray (unit tests call it directly); in a run it is a Ray actor.
+    """
+
+    def __init__(self, lake, job: GenerationJob):
+        import torch
+
+        from cpldm_core.autoencoder import ChannelGroupAutoencoder
+        from cpldm_core.denoiser import ConfounderAwareDenoiser, ConfounderVocab
+        from cpldm_core.diffusion import make_scheduler
+        from pipelines.embed import load_embeddings
+
+        self.lake, self.job = lake, job
+        torch.set_num_threads(max(1, job.threads))
+        device = job.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = ConfounderAwareDenoiser.from_pretrained(local_copy(lake, job.model.rel_dir)).to(self.device)
+        self.vocab = ConfounderVocab.from_dict(job.model.vocab)
+        schedule = self.model.metadata.get("schedule")
+        self.scheduler = make_scheduler(job.sampler, schedule)
+        vae_path = (local_copy(lake, job.vae_location[len("lake:"):]) if job.vae_location.startswith("lake:")
+                    else job.vae_location)
+        self.autoencoder = ChannelGroupAutoencoder.from_pretrained(
+            vae_path, subfolder=job.vae_subfolder, groups=tuple(tuple(g) for g in job.channel_groups))
+        self.autoencoder.to(self.device)
+        emb = load_embeddings(lake, job.encoder, ids=list(job.spec.compounds))
+        self.compound_row = {c: i for i, c in enumerate(emb.ids)}
+        if job.model.compound_input == "tokens":
+            if emb.tokens is None:
+                raise UserError(f"model '{job.model.model_run}' takes token embeddings but encoder "
+                                f"{job.encoder!r} has none")
+            self.compound = torch.from_numpy(np.asarray(emb.tokens, dtype=np.float32))
+            self.compound_mask = torch.from_numpy(np.asarray(emb.mask, dtype=bool))
+        else:
+            self.compound = torch.from_numpy(emb.pooled)
+            self.compound_mask = None
+        self.images = None
+
+    def _array(self):
+        if self.images is None:
+            import zarr
+            self.images = zarr.open_array(self.lake.zarr_store(images_path(self.job.gen_run)), path=IMAGES_ARRAY,
+                                          mode="r+")
+        return self.images
+
+    def generate(self, design: pd.DataFrame) -> np.ndarray:
+        """Images of design rows: ``(B, 5, H, W) uint16`` (channels DNA, ER, RNA, AGP, Mito)."""
+        import torch
+
+        from cpldm_core.diffusion import sample
+        from cpldm_core.images import denormalise
+
+        job = self.job
+        low, high = job.normalisation["low"], job.normalisation["high"]
+        out = np.empty((len(design), *job.image_shape), dtype=np.uint16)
+        for start in range(0, len(design), job.batch_size):
+            part = design.iloc[start:start + job.batch_size]
+            idx = torch.as_tensor([self.compound_row[c] for c in part["Metadata_JCP2022"]], dtype=torch.long)
+            compound = self.compound[idx]
+            mask = self.compound_mask[idx] if self.compound_mask is not None else None
+            confounders = None
+            if self.model.kind == "scm":
+                confounders = self.vocab.encode(part["Metadata_Source"].tolist(), part["Metadata_Batch"].tolist(),
+                                                part["Metadata_Well"].tolist())
+            latents = sample(self.model, self.scheduler, job.steps, job.guidance_scale, compound, mask,
+                             confounders, seeds=part["Metadata_Seed"].tolist(), latent_shape=job.model.latent_shape)
+            with torch.no_grad():
+                decoded = self.autoencoder.decode(latents).float().cpu().numpy()
+            out[start:start + len(part)] = denormalise(decoded, low, high)
+        return out
+
+    def __call__(self, block: int) -> dict:
+        """Generate design block ``block`` and write its image rows, manifest part and TIFFs (not the marker)."""
+        t0 = time.perf_counter()
+        job = self.job
+        design = job.spec.block(block)
+        images = self.generate(design)
+        rows = job.spec.block_rows(block)
+        # one assignment covering the block's whole shard: a single object write per shard on S3
+        self._array()[rows.start:rows.stop] = images
+        write_manifest(self.lake, job, block, design)
+        if job.export_tiff:
+            export_tiffs(self.lake, job, block, design, images)
+        seconds = time.perf_counter() - t0
+        return {"block": block, "images": len(design), "seconds": seconds}
+
+    # Ray actors are called through a named method
+    def gen(self, block: int) -> dict:
+        return self(block)
+
+
+def write_manifest(lake, job: GenerationJob, block: int, design: pd.DataFrame) -> None:
+    n = len(design)
+    manifest = design.assign(
+        Metadata_ImageRow=design["Metadata_DesignRow"].astype("int64"),
+        Metadata_Model=job.model.model_run, Metadata_ModelKind=job.model.kind, Metadata_Sampler=job.sampler,
+        Metadata_SamplerSteps=np.full(n, job.steps, dtype=np.int32),
+        Metadata_GuidanceScale=np.full(n, job.guidance_scale, dtype=np.float32))
+    lake.write_named("synthetic_manifest", pa.Table.from_pandas(manifest, preserve_index=False),
+                     part=block_unit(block), partition={"run": job.gen_run})
+
+
+def tiff_name(well: str, site: int, channel: int) -> str:
+    """JUMP (Phenix) file name ``rXXcYYfZZp01-chNsk1fk1fl1.tiff`` for a well such as ``B03``."""
+    from cpldm_core.denoiser import split_well
+
+    row, col = split_well(well)
+    row_number = 0
+    for ch in row:   # A=1 ... Z=26, AA=27 (1536-well plates)
+        row_number = row_number * 26 + (ord(ch) - ord("A") + 1)
+    return f"r{row_number:02d}c{col:02d}f{site:02d}p01-ch{channel}sk1fk1fl1.tiff"
+
+
+def export_tiffs(lake, job: GenerationJob, block: int, design: pd.DataFrame, images: np.ndarray) -> None:
+    """JUMP layout: ``synthetic/<run>/tiff/<source>/images/<batch>/images/<plate>/Images/<file>`` with plate =
+    the compound id and site = draw + 1 (so every image has a unique path), chN = CHANNELS order + 1; plus a
+    load_data CSV per block (``tiff/load_data_csv/block-XXXXXX.csv``, JUMP's ``URL_Orig*`` columns)."""
+    import tifffile
+
+    base = f"{run_dir(job.gen_run)}/tiff"
+    records = []
+    for k, row in enumerate(design.itertuples(index=False)):
+        plate = row.Metadata_JCP2022
+        folder = f"{base}/{row.Metadata_Source}/images/{row.Metadata_Batch}/images/{plate}/Images"
+        urls = {}
+        for c, name in enumerate(cols.CHANNELS):
+            rel = f"{folder}/{tiff_name(row.Metadata_Well, row.Metadata_Draw + 1, c + 1)}"
+            buf = io.BytesIO()
+            tifffile.imwrite(buf, images[k, c])
+            lake.write_bytes(rel, buf.getvalue())
+            urls[f"URL_Orig{name}"] = lake.uri_of(rel)
+        records.append({**urls, "Metadata_Source": row.Metadata_Source, "Metadata_Batch": row.Metadata_Batch,
+                        "Metadata_Plate": plate, "Metadata_Well": row.Metadata_Well,
+                        "Metadata_Site": row.Metadata_Draw + 1, "Metadata_JCP2022": row.Metadata_JCP2022,
+                        "Metadata_Draw": row.Metadata_Draw, "Metadata_ImageRow": row.Metadata_DesignRow})
+    lake.write_bytes(f"{base}/load_data_csv/{block_unit(block)}.csv",
+                     pd.DataFrame.from_records(records).to_csv(index=False).encode())
+
+
+# ---------------------------------------------------------------------------------------------- driver steps
+def check_run_config(lake, job: GenerationJob, config: GenerateConfig) -> dict:
+    """Write ``synthetic/<run>/config.json`` or refuse to resume a run made with different settings."""
+    record = {
+        "run": job.gen_run, "model_run": job.model.model_run, "model_kind": job.model.kind,
+        "draws": job.spec.draws, "sampler": job.sampler, "steps": job.steps, "guidance_scale": job.guidance_scale,
+        "compounds": config.compounds, "n_compounds": len(job.spec.compounds), "n_images": job.spec.n_rows,
+        "design": job.spec.kind, "shared_seed": job.spec.shared_seed, "seed_namespace": job.spec.namespace,
+        "block_size": job.spec.block_size, "image_shape": list(job.image_shape), "encoder": job.encoder,
+        "vae": job.vae_location, "vae_id": job.vae_id, "normalisation": job.normalisation,
+        "design_fingerprint": job.spec.fingerprint(),
+    }
+    rel = f"{run_dir(job.gen_run)}/config.json"
+    if lake.exists(rel):
+        old = lake.read_json(rel).get("generation", {})
+        keys = ("model_run", "design_fingerprint", "sampler", "steps", "guidance_scale", "image_shape", "vae")
+        changed = [k for k in keys if old.get(k) != record[k]]
+        if changed:
+            raise UserError(f"generation run '{job.gen_run}' already exists in {lake.uri} with different "
+                            f"{', '.join(changed)}; choose another --run, or delete {lake.uri_of(run_dir(job.gen_run))}")
+    lake.write_config(run_dir(job.gen_run), config, extra={"generation": record})
+    return record
+
+
+def write_design(lake, spec: DesignSpec, gen_run: str, part_rows: int, config: GenerateConfig) -> int:
+    """Stream the design table in parts (each committed); returns the number of parts written now."""
+    stage = design_stage(gen_run)
+    done = lake.committed_units(stage)
+    written = 0
+    per_part = max(1, part_rows // spec.block_size)
+    for p, frame in spec.iter_parts(part_rows):
+        unit = f"part-{p * per_part:06d}"
+        if unit in done:
+            continue
+        lake.write_named("generation_design", pa.Table.from_pandas(frame, preserve_index=False), config=config,
+                         part=unit, partition={"run": gen_run})
+        lake.commit_unit(stage, unit, {"rows": len(frame)})
+        written += 1
+    return written
+
+
+def prepare_images_array(lake, job: GenerationJob) -> None:
+    """Create ``images.zarr/images`` (N, 5, H, W) uint16, chunk = 1 image, shard = 1 block (or check it)."""
+    import zarr
+
+    shape = (job.spec.n_rows, *job.image_shape)
+    store = lake.zarr_store(images_path(job.gen_run))
+    try:
+        existing = zarr.open_array(store, path=IMAGES_ARRAY, mode="r")
+    except (FileNotFoundError, zarr.errors.ArrayNotFoundError, KeyError, ValueError):
+        existing = None
+    except Exception as exc:  # zarr raises NodeNotFoundError in newer versions
+        if "not found" not in str(exc).lower() and "NotFound" not in type(exc).__name__:
+            raise
+        existing = None
+    if existing is not None:
+        if tuple(existing.shape) != shape or existing.dtype != np.uint16:
+            raise UserError(f"{lake.uri_of(images_path(job.gen_run))} holds {existing.shape} {existing.dtype}, "
+                            f"this run needs {shape} uint16; choose another --run")
+        return
+    group = zarr.open_group(store, mode="a")
+    group.attrs.update({"run": job.gen_run, "model_run": job.model.model_run, "channels": list(cols.CHANNELS),
+                        "normalisation": job.normalisation})
+    arr = group.create_array(IMAGES_ARRAY, shape=shape, dtype="uint16", chunks=(1, *job.image_shape),
+                             shards=(job.spec.block_size, *job.image_shape), fill_value=0,
+                             dimension_names=("row", "channel", "y", "x"))
+    arr.attrs.update({"run": job.gen_run, "model_run": job.model.model_run, "model_kind": job.model.kind,
+                      "channels": list(cols.CHANNELS), "normalisation": job.normalisation,
+                      "config": {"sampler": job.sampler, "steps": job.steps, "guidance_scale": job.guidance_scale,
+                                 "draws": job.spec.draws, "design": job.spec.kind}})
+
+
+def plan(lake, config: GenerateConfig) -> tuple[GenerationJob, list[dict]]:
+    """Resolve model, confounder space, compounds and design: the job and the compound rejects."""
+    model = resolve_model(lake, config.model_run)
+    space = confounder_space(lake, model)
+    encoder = encoder_of(lake, model)
+    compounds, rejects = select_compounds(lake, config, encoder)
+    if not compounds:
+        raise UserError(f"no compound to generate: selection '{config.compounds}' matched none with an embedding "
+                        f"for encoder {encoder!r}")
+    spec = DesignSpec(config.namespace, tuple(compounds), config.draws, space, kind=config.design,
+                      shared_seed=config.shared_seed, block_size=config.block_size)
+    vae = vae_source(lake, model, config.vae)
+    norm = read_normalisation(lake, vae["vae_id"])
+    job = GenerationJob(gen_run=config.run_name, spec=spec, model=model, encoder=encoder,
+                        vae_location=vae["location"], vae_subfolder=vae["subfolder"], vae_id=vae["vae_id"],
+                        channel_groups=tuple(tuple(g) for g in vae["channel_groups"]), normalisation=norm,
+                        sampler=config.sampler,
+                        steps=config.steps, guidance_scale=config.guidance_scale, batch_size=config.batch_size,
+                        device=config.device if config.gpus_per_actor > 0 or config.device != "auto" else "cpu",
+                        threads=max(1, int(config.cpus_per_actor)), export_tiff=config.export_tiff)
+    return job, rejects
+
+
+def run(lake, config: GenerateConfig | None = None, max_blocks: int | None = None, use_ray: bool = True) -> dict:
+    """Generate ``config.run_name``; resumable. Returns summary counts.
+
+    Args:
+        lake: :class:`pipelines.storage.Lake`.
+        config: :class:`GenerateConfig` (default: the ``demo`` preset).
+        max_blocks: generate at most this many pending blocks, then stop (partial runs, tests).
+        use_ray: ``False`` runs one in-process generator (debugging, profiling); outputs are identical.
+    Returns:
+        ``{"run", "model_run", "model_kind", "compounds", "draws", "images", "blocks", "blocks_done_now",
+        "blocks_skipped" (already committed), "rejected_compounds", "images_generated_now", "seconds",
+        "images_per_s"}``.
+    """
+    config = config or generate_preset("demo")
+    t0 = time.perf_counter()
+    job, rejects = plan(lake, config)
+    gen_run = job.gen_run
+    check_run_config(lake, job, config)
+    if rejects:
+        frame = pd.DataFrame([{"unit": "compounds", **r} for r in rejects])
+        lake.write_named("rejects", pa.Table.from_pandas(frame, preserve_index=False), part=f"{gen_run}-compounds",
+                         partition={"stage": STAGE})
+        log.warning("generate %s: %d compound(s) rejected (see the rejects table), e.g. %s", gen_run,
+                    len(rejects), rejects[0])
+    parts = write_design(lake, job.spec, gen_run, config.design_part_rows, config)
+    log.info("generate %s: design of %d compounds x %d draws = %d images in %d blocks (%d design parts written)",
+             gen_run, len(job.spec.compounds), job.spec.draws, job.spec.n_rows, job.spec.n_blocks, parts)
+    prepare_images_array(lake, job)
+    done = lake.committed_units(block_stage(gen_run))
+    pending = [b for b in range(job.spec.n_blocks) if block_unit(b) not in done]
+    if max_blocks is not None:
+        pending = pending[:max_blocks]
+    generated = 0
+    if pending:
+        results = (_run_actors(lake, job, config, pending) if use_ray else _run_local(lake, job, pending))
+        generated = sum(r["images"] for r in results)
+    seconds = time.perf_counter() - t0
+    summary = {"run": gen_run, "model_run": job.model.model_run, "model_kind": job.model.kind,
+               "compounds": len(job.spec.compounds), "draws": job.spec.draws, "images": job.spec.n_rows,
+               "blocks": job.spec.n_blocks, "blocks_done_now": len(pending),
+               "blocks_skipped": sum(block_unit(b) in done for b in range(job.spec.n_blocks)),
+               "rejected_compounds": len(rejects), "images_generated_now": generated,
+               "seconds": round(seconds, 2), "images_per_s": round(generated / seconds, 3) if seconds else 0.0}
+    log.info("generate %s: %s", gen_run, summary)
+    return summary
+
+
+def _commit(lake, job: GenerationJob, result: dict, n_done: int, n_total: int) -> None:
+    lake.commit_unit(block_stage(job.gen_run), block_unit(result["block"]),
+                     {"images": result["images"], "seconds": result["seconds"]})
+    log.info("generate %s: block %d committed (%d images, %.2f images/s) [%d/%d]", job.gen_run, result["block"],
+             result["images"], result["images"] / max(result["seconds"], 1e-9), n_done, n_total)
+
+
+def _run_local(lake, job: GenerationJob, pending: list[int]) -> list[dict]:
+    generator = BlockGenerator(lake, job)
+    results = []
+    for k, block in enumerate(pending):
+        results.append(generator(block))
+        _commit(lake, job, results[-1], k + 1, len(pending))
+    return results
+
+
+def _run_actors(lake, job: GenerationJob, config: GenerateConfig, pending: list[int]) -> list[dict]:
+    """A pool of ``config.actors`` actors; at most ``max_in_flight_per_actor`` blocks queued per actor, so driver
+    and object-store memory stay bounded whatever the number of blocks."""
+    from pipelines.ray_runtime import ensure_ray
+
+    ray = ensure_ray()
+    remote = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(BlockGenerator)
+    n_actors = min(config.actors, len(pending))
+    actors = [remote.remote(lake, job) for _ in range(n_actors)]
+    queue = iter(pending)
+    in_flight: dict = {}
+
+    def submit(actor) -> bool:
+        block = next(queue, None)
+        if block is None:
+            return False
+        in_flight[actor.gen.remote(block)] = actor
+        return True
+
+    for actor in actors:
+        for _ in range(config.max_in_flight_per_actor):
+            submit(actor)
+    results = []
+    try:
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor = in_flight.pop(ready[0])
+            result = ray.get(ready[0])
+            results.append(result)
+            _commit(lake, job, result, len(results), len(pending))
+            submit(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- reading back
+def read_manifest(lake, gen_run: str) -> pd.DataFrame:
+    """Manifest rows of a generation run's committed blocks, sorted by image row."""
+    done = lake.committed_units(block_stage(gen_run))
+    base = f"synthetic_manifest/run={gen_run}"
+    frames = [lake.read_table(f"{base}/{u}.parquet").to_pandas() for u in sorted(done)
+              if lake.exists(f"{base}/{u}.parquet")]
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True).sort_values("Metadata_ImageRow").reset_index(drop=True)
+
+
+def open_images(lake, gen_run: str):
+    """The run's ``images`` zarr array (N, 5, H, W) uint16, read-only."""
+    import zarr
+    return zarr.open_array(lake.zarr_store(images_path(gen_run), read_only=True), path=IMAGES_ARRAY, mode="r")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def load_generate_config(config_file: str | None = None, overrides: list[str] | dict | None = None,
+                         preset: str = "demo") -> GenerateConfig:
+    return load_config(GenerateConfig, config_file, overrides, base=generate_preset(preset))
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="g-estimation: generate synthetic images from a trained model",
+                              description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="demo", help="tiny | demo | paper (default demo)")
+    p.add_argument("--config", default=None, help="YAML file of GenerateConfig keys")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--model-run", help="trained model run under models/ (scm, scm-free, ...)")
+    p.add_argument("--draws", type=int, help="N draws per compound (paper: 10, 100)")
+    p.add_argument("--compounds", help="seen | unseen | all | FILE of JCP2022 ids")
+    p.add_argument("--sampler", choices=("ddim", "dpm++"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--run", help="generation run name (default <model-run>-N<draws>)")
+    p.add_argument("--design", choices=("uniform", "stratified"))
+    p.add_argument("--shared-seed", action="store_true", default=None,
+                   help="same noise and confounders for draw i across compounds")
+    p.add_argument("--seed-namespace", help="hash namespace of seeds/confounders (default: the run name)")
+    p.add_argument("--actors", type=int, help="model-holding Ray actors")
+    p.add_argument("--cpus-per-actor", type=float)
+    p.add_argument("--gpus-per-actor", type=float)
+    p.add_argument("--export-tiff", action="store_true", default=None, help="also write TIFFs in the JUMP layout")
+    p.add_argument("--vae", help="VAE path/model id (default: the model's)")
+    p.set_defaults(func=_cli)
+
+
+_FLAG_KEYS = {"model_run": "model_run", "draws": "draws", "compounds": "compounds", "sampler": "sampler",
+              "steps": "steps", "guidance": "guidance_scale", "run": "run", "design": "design",
+              "shared_seed": "shared_seed", "seed_namespace": "seed_namespace", "actors": "actors",
+              "cpus_per_actor": "cpus_per_actor", "gpus_per_actor": "gpus_per_actor", "export_tiff": "export_tiff",
+              "vae": "vae"}
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from pipelines.cli import lake_from_args
+
+    overrides: dict[str, Any] = {}
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    config = load_generate_config(args.config, list(args.set), preset=args.preset)
+    config = load_config(GenerateConfig, None, overrides, base=config)
+    summary = run(lake_from_args(args), config)
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
