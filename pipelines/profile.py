@@ -1,0 +1,476 @@
+"""``cpldm profile``: segmentation + CellProfiler-compatible features of real or synthetic images, into Parquet.
+
+Recipe (one Ray Data execution per wave of units):
+
+    inputs (catalog ``sites`` TIFFs | ``synthetic/<run>/images.zarr`` + ``synthetic_manifest``)
+      -> units (real: plates; synthetic: generation blocks), skipping committed ones
+      -> map_batches(SiteProfiler): read 5 channels -> segment -> measure -> rows (image, optional cells, rejects)
+      -> per unit: features_image, features_well (mean over sites / one row per draw), [features_single_cell],
+         rejects; then commit the unit
+      -> features_treatment (mean over replicate wells / draws) recomputed from every committed well.
+
+``cpldm profile import FILE --dataset NAME`` brings JUMP/CellProfiler well-level profiles into the same tables.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+import storage_schemas
+from cpldm_core.configuration import load_config
+from cpldm_core.errors import UserError
+from cpldm_core.features import aggregate
+from cpldm_core.features.config import PRESETS, ProfileConfig
+from cpldm_core.features.site import feature_names, profile_site
+from pipelines.storage import Lake, open_uri
+from storage_schemas.columns import CHANNELS, DMSO_JCP2022
+
+log = logging.getLogger(__name__)
+
+STAGE = "profile"
+#: Part (file stem) of the treatment table: recomputed whole from the committed wells after every run.
+TREATMENT_PART = "treatment"
+IMPORT_STAGE = "profile-import"
+
+#: Row kinds produced by :class:`SiteProfiler` (column ``Metadata_Level``).
+LEVEL_IMAGE, LEVEL_CELL, LEVEL_REJECT = "image", "cell", "reject"
+
+SITE_META = ("Metadata_SiteKey", "Metadata_Source", "Metadata_Batch", "Metadata_Plate", "Metadata_Well",
+             "Metadata_Site", "Metadata_JCP2022", "Metadata_pert_type", "Metadata_Draw")
+_STRING_META = ("Metadata_SiteKey", "Metadata_Source", "Metadata_Batch", "Metadata_Plate", "Metadata_Well",
+                "Metadata_JCP2022", "Metadata_pert_type")
+#: Metadata_Draw of real images inside Ray batches (nulls would make Arrow infer a null type in some batches).
+NO_DRAW = -1
+
+
+def marker_stage(dataset: str) -> str:
+    return f"{STAGE}-{dataset}"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def real_items(lake: Lake) -> pd.DataFrame:
+    """One row per real site (catalog ``sites``) with its unit (plate) and channel URIs."""
+    sites = lake.read_named("sites").to_pandas()
+    if sites.empty:
+        raise UserError("the catalog table 'sites' is empty; run `cpldm catalog` on a lake with images first")
+    items = pd.DataFrame({k: sites[k] for k in SITE_META if k in sites.columns})
+    items["Metadata_Draw"] = NO_DRAW
+    items["Metadata_ImageRow"] = -1
+    for ch in CHANNELS:
+        items[f"URL_Orig{ch}"] = sites[f"URL_Orig{ch}"]
+        items[f"URL_Illum{ch}"] = sites.get(f"URL_Illum{ch}", pd.Series([None] * len(sites))).fillna("")
+    items["unit"] = [_safe(f"{s}__{b}__{p}") for s, b, p in
+                     zip(sites["Metadata_Source"], sites["Metadata_Batch"], sites["Metadata_Plate"])]
+    return items
+
+
+def synthetic_items(lake: Lake, run: str) -> pd.DataFrame:
+    """One row per generated image of run ``run`` (``synthetic_manifest``) with its unit (generation block)."""
+    path = f"{storage_schemas.table_spec('synthetic_manifest').path}/run={run}"
+    if not lake.exists(path):
+        raise UserError(f"dataset {run!r}: no synthetic_manifest at {lake.uri_of(path)}; "
+                        "use --dataset real or the name of a `cpldm generate` run")
+    manifest = lake.read_table(path).to_pandas()
+    pert = {}
+    if lake.exists(storage_schemas.table_spec("compounds").path):
+        compounds = lake.read_named("compounds", columns=["Metadata_JCP2022", "Metadata_pert_type"]).to_pandas()
+        pert = dict(zip(compounds["Metadata_JCP2022"], compounds["Metadata_pert_type"]))
+    jcp = manifest["Metadata_JCP2022"]
+    items = pd.DataFrame({
+        "Metadata_SiteKey": [f"{run}/{int(r)}" for r in manifest["Metadata_ImageRow"]],
+        "Metadata_Source": manifest["Metadata_Source"], "Metadata_Batch": manifest["Metadata_Batch"],
+        "Metadata_Plate": "synthetic", "Metadata_Well": manifest["Metadata_Well"], "Metadata_Site": 0,
+        "Metadata_JCP2022": jcp,
+        "Metadata_pert_type": [pert.get(j) or ("negcon" if j == DMSO_JCP2022 else "trt") for j in jcp],
+        "Metadata_Draw": manifest["Metadata_Draw"].astype(np.int64),
+        "Metadata_ImageRow": manifest["Metadata_ImageRow"].astype(np.int64),
+    })
+    items["unit"] = [f"block-{int(b):06d}" for b in manifest["Metadata_Block"]]
+    return items
+
+
+def read_site(row: dict, endpoint_url: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The five channel TIFFs of a real site as (5, H, W) uint16, plus its illumination functions when the
+    row names them (``URL_Illum*``, JUMP's .npy files) else None. Errors name the file and what is wrong."""
+    import tifffile
+
+    planes = []
+    for ch in CHANNELS:
+        url = row[f"URL_Orig{ch}"]
+        try:
+            with open_uri(url, endpoint_url) as fh:
+                plane = tifffile.imread(io.BytesIO(fh.read()))
+        except FileNotFoundError:
+            raise UserError(f"{url}: file not found (channel {ch})") from None
+        except Exception as exc:
+            raise UserError(f"{url}: cannot read as TIFF (channel {ch}): {type(exc).__name__}: {exc}") from None
+        if plane.ndim != 2:
+            raise UserError(f"{url}: expected a single 2-D plane, got shape {plane.shape}")
+        if planes and plane.shape != planes[0].shape:
+            raise UserError(f"{url}: shape {plane.shape} differs from the site's other channels {planes[0].shape}")
+        planes.append(plane.astype(np.uint16, copy=False) if plane.dtype != np.uint16 else plane)
+    illum = None
+    urls = [row.get(f"URL_Illum{ch}") or "" for ch in CHANNELS]
+    if all(urls):
+        layers = []
+        for url in urls:
+            with open_uri(url, endpoint_url) as fh:
+                layers.append(np.load(io.BytesIO(fh.read())).astype(np.float32))
+        illum = np.stack(layers)
+    return np.stack(planes), illum
+
+
+# ------------------------------------------------------------------------------------------------- Ray map
+class SiteProfiler:
+    """Ray Data callable: a pandas batch of site rows -> rows of image profiles, single cells and rejects.
+
+    Usable without Ray: ``SiteProfiler(lake, cfg, dataset)(batch_frame)``.
+    """
+
+    def __init__(self, lake: Lake, cfg: ProfileConfig, dataset: str):
+        self.lake, self.cfg, self.dataset = lake, cfg, dataset
+        self.names = list(feature_names(cfg.features))
+        self.images = None
+        if dataset != "real":
+            import zarr
+            store = lake.zarr_store(f"synthetic/{dataset}/images.zarr", read_only=True)
+            self.images = zarr.open_group(store, mode="r")["images"]
+
+    def _load(self, row: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.images is None:
+            raw, illum = read_site(row, self.lake.endpoint_url)
+            if self.cfg.segmentation.illumination == "files" and illum is None:
+                raise UserError("segmentation.illumination=files but the site has no URL_Illum* columns")
+            return raw, illum
+        index = int(row["Metadata_ImageRow"])
+        if not 0 <= index < self.images.shape[0]:
+            raise UserError(f"Metadata_ImageRow {index} is outside images.zarr (rows 0..{self.images.shape[0] - 1})")
+        return np.asarray(self.images[index]), None
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        frames = []
+        for row in batch.to_dict("records"):
+            meta = {k: row[k] for k in SITE_META}
+            try:
+                raw, illum = self._load(row)
+                prof = profile_site(raw, self.cfg, illumination=illum)
+            except Exception as exc:  # one bad image must not stop the unit: it becomes a reject
+                item = row.get("URL_OrigDNA") if self.images is None else f"images.zarr row {row['Metadata_ImageRow']}"
+                frames.append(pd.DataFrame([{**meta, "unit": row["unit"], "Metadata_Level": LEVEL_REJECT,
+                                             "Metadata_ObjectNumber": -1, "Metadata_CellCount": 0,
+                                             "Metadata_QCFlags": "", "Metadata_Item": str(item),
+                                             "Metadata_Reason": f"{type(exc).__name__}: {exc}"}]))
+                continue
+            image = pd.DataFrame(prof.image[None, :], columns=self.names)
+            head = {**meta, "unit": row["unit"], "Metadata_Level": LEVEL_IMAGE, "Metadata_ObjectNumber": -1,
+                    "Metadata_CellCount": prof.count, "Metadata_QCFlags": ";".join(prof.flags),
+                    "Metadata_Item": "", "Metadata_Reason": ""}
+            frames.append(pd.concat([pd.DataFrame([head]), image], axis=1))
+            if self.cfg.single_cell and prof.count:
+                cells = pd.DataFrame(prof.cells, columns=self.names)
+                cells_head = pd.DataFrame([{**head, "Metadata_Level": LEVEL_CELL}] * prof.count)
+                cells_head["Metadata_ObjectNumber"] = prof.object_numbers
+                frames.append(pd.concat([cells_head, cells], axis=1))
+        out = pd.concat(frames, ignore_index=True)
+        for name in self.names:  # reject rows carry no features: NaN, same columns and dtypes in every batch
+            if name not in out:
+                out[name] = np.nan
+        out[self.names] = out[self.names].astype(np.float32)
+        for k in _STRING_META + ("unit", "Metadata_Level", "Metadata_QCFlags", "Metadata_Item", "Metadata_Reason"):
+            out[k] = out[k].fillna("").astype(str)
+        for k in ("Metadata_Site", "Metadata_Draw", "Metadata_ObjectNumber", "Metadata_CellCount"):
+            out[k] = out[k].astype(np.int64)
+        return out[[*SITE_META, "unit", "Metadata_Level", "Metadata_ObjectNumber", "Metadata_CellCount",
+                    "Metadata_QCFlags", "Metadata_Item", "Metadata_Reason", *self.names]]
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def _to_arrow(frame: pd.DataFrame, table_name: str, names: list[str]) -> pa.Table:
+    """Frame -> Arrow table with the schema's metadata columns (typed, nulls restored) then features."""
+    spec = storage_schemas.table_spec(table_name)
+    frame = frame.copy()
+    if "Metadata_Draw" in frame:
+        frame["Metadata_Draw"] = frame["Metadata_Draw"].astype("Int64").where(frame["Metadata_Draw"] != NO_DRAW)
+    if "Metadata_pert_type" in frame:
+        frame["Metadata_pert_type"] = frame["Metadata_pert_type"].replace("", None)
+    arrays, fields = [], []
+    for f in spec.schema:
+        if f.name in spec.partitioning:
+            continue
+        arrays.append(pa.Array.from_pandas(frame[f.name].reset_index(drop=True), type=f.type))
+        fields.append(f)
+    for name in names:
+        arrays.append(pa.array(frame[name].to_numpy(np.float32), type=pa.float32()))
+        fields.append(pa.field(name, pa.float32()))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def write_unit(lake: Lake, cfg: ProfileConfig, dataset: str, unit: str, rows: pd.DataFrame,
+               names: list[str]) -> dict:
+    """Write one unit's tables at deterministic keys (part = unit) and commit it. Returns its counts."""
+    part = {"dataset": dataset}
+    images = rows[rows["Metadata_Level"] == LEVEL_IMAGE].sort_values("Metadata_SiteKey")
+    rejects = rows[rows["Metadata_Level"] == LEVEL_REJECT]
+    lake.write_named("features_image", _to_arrow(images, "features_image", names), config=cfg, part=unit,
+                     partition=part)
+    wells = aggregate.well_from_images(images[[*aggregate.WELL_KEYS, *names]]) if len(images) else \
+        pd.DataFrame(columns=[*aggregate.WELL_KEYS, "Metadata_SiteCount", *names])
+    lake.write_named("features_well", _to_arrow(wells, "features_well", names), config=cfg, part=unit,
+                     partition=part)
+    n_cells = 0
+    if cfg.single_cell:
+        cells = rows[rows["Metadata_Level"] == LEVEL_CELL].sort_values(["Metadata_SiteKey", "Metadata_ObjectNumber"])
+        n_cells = len(cells)
+        lake.write_named("features_single_cell", _to_arrow(cells, "features_single_cell", names), config=cfg,
+                         part=unit, partition=part)
+    reject_part = _safe(f"{dataset}__{unit}")
+    if len(rejects):
+        table = pa.table({"unit": [unit] * len(rejects), "item": rejects["Metadata_Item"].tolist(),
+                          "reason": rejects["Metadata_Reason"].tolist()})
+        lake.write_named("rejects", table, config=cfg, part=reject_part, partition={"stage": STAGE})
+    else:
+        lake.delete(f"{storage_schemas.table_spec('rejects').path}/stage={STAGE}/{reject_part}.parquet")
+    counts = {"sites": int(len(images) + len(rejects)), "images": int(len(images)), "rejected": int(len(rejects)),
+              "wells": int(len(wells)), "cells": int(images["Metadata_CellCount"].sum()),
+              "flagged": int((images["Metadata_QCFlags"] != "").sum()), "single_cells": n_cells}
+    lake.commit_unit(marker_stage(dataset), unit, counts)
+    return counts
+
+
+def write_treatments(lake: Lake, dataset: str, config=None) -> int:
+    """Recompute ``features_treatment`` of ``dataset`` from all its wells (mean over replicate wells/draws)."""
+    well_dir = f"{storage_schemas.table_spec('features_well').path}/dataset={dataset}"
+    wells = lake.read_table(well_dir).to_pandas()
+    names = aggregate.feature_columns(wells)
+    treatments = aggregate.treatment_from_wells(wells) if len(wells) else \
+        pd.DataFrame(columns=[*aggregate.TREATMENT_KEYS, "Metadata_WellCount", *names])
+    lake.write_named("features_treatment", _to_arrow(treatments, "features_treatment", names), config=config,
+                     part=TREATMENT_PART, partition={"dataset": dataset})
+    return len(treatments)
+
+
+# ------------------------------------------------------------------------------------------------- run
+def run(lake: Lake, config: ProfileConfig | None = None, dataset: str | None = None,
+        max_units: int | None = None) -> dict:
+    """Profile every uncommitted unit of ``dataset`` (default ``config.dataset``); returns summary counts.
+
+    ``max_units`` stops after that many units (used to test resumption; a rerun finishes the rest).
+    """
+    from tqdm import tqdm
+
+    from pipelines.ray_runtime import ensure_ray
+
+    cfg = config or PRESETS["demo"]
+    dataset = dataset or cfg.dataset
+    cfg = replace(cfg, dataset=dataset)
+    if dataset != _safe(dataset):
+        raise UserError(f"dataset name {dataset!r} may hold only letters, digits, '_', '.', '-'")
+    t0 = time.time()
+    items = real_items(lake) if dataset == "real" else synthetic_items(lake, dataset)
+    done = lake.committed_units(marker_stage(dataset))
+    units = sorted(set(items["unit"]))
+    todo = [u for u in units if u not in done]
+    if max_units is not None:
+        todo = todo[:max_units]
+    log.info("profile %s: %d units (%d sites), %d already committed, %d to do", dataset, len(units), len(items),
+             len(units) - len(todo), len(todo))
+    lake.write_config(f"features/_config/{dataset}", cfg)
+    names = list(feature_names(cfg.features))
+    totals = {"sites": 0, "images": 0, "rejected": 0, "wells": 0, "cells": 0, "flagged": 0, "single_cells": 0}
+    if todo:
+        ray = ensure_ray()
+        bar = tqdm(total=len(todo), desc=f"profile {dataset}", unit="unit")
+        for start in range(0, len(todo), cfg.units_per_wave):
+            wave = todo[start:start + cfg.units_per_wave]
+            batch = items[items["unit"].isin(wave)]
+            batch = batch.reset_index(drop=True)
+            # one block per batch of sites (split here: Ray's own splitting breaks on pandas 3 frames)
+            blocks = [batch.iloc[i:i + cfg.batch_size] for i in range(0, len(batch), cfg.batch_size)]
+            ds = ray.data.from_pandas(blocks)
+            out = ds.map_batches(
+                SiteProfiler, fn_constructor_kwargs={"lake": lake, "cfg": cfg, "dataset": dataset},
+                batch_format="pandas", batch_size=cfg.batch_size, concurrency=cfg.workers,
+                num_cpus=cfg.num_cpus_per_worker,
+            ).to_pandas()
+            for unit in wave:
+                counts = write_unit(lake, cfg, dataset, unit, out[out["unit"] == unit], names)
+                for k, v in counts.items():
+                    totals[k] += v
+                bar.update(1)
+        bar.close()
+    treatments = write_treatments(lake, dataset, config=cfg) if (todo or done) else 0
+    summary = {"dataset": dataset, "units": len(units), "units_done_now": len(todo),
+               "units_skipped": len(set(units) & done),
+               **totals, "treatments": treatments, "features": len(names), "seconds": round(time.time() - t0, 2)}
+    log.info("profile %s: %s", dataset, summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------- import
+#: JUMP well-level metadata columns renamed to the lake's spelling.
+IMPORT_RENAMES = {"Metadata_Site_Count": "Metadata_SiteCount"}
+REQUIRED_WELL_META = ("Metadata_Source", "Metadata_Batch", "Metadata_Plate", "Metadata_Well", "Metadata_JCP2022")
+
+
+def import_profiles(lake: Lake, path: str, dataset: str, metadata: dict[str, str] | None = None,
+                    metadata_dir: str | None = None) -> dict:
+    """Bring JUMP/CellProfiler well-level profiles (CSV or Parquet, JUMP column names) into ``features_well``
+    (part ``import-<file stem>``) and recompute ``features_treatment`` of ``dataset``.
+
+    Metadata the file lacks is filled, in order, from the lake's ``sites`` table (by plate and well), from JUMP
+    metadata files in ``metadata_dir`` (``plate.csv.gz``, ``well.csv.gz``, ``perturbation_control.csv``) and
+    from constant ``metadata`` values (``{"Metadata_Source": "source_4"}``). Non-feature columns JUMP adds
+    (``Metadata_Object_Count``...) are dropped; feature columns are cast to float32.
+    """
+    if dataset != _safe(dataset):
+        raise UserError(f"dataset name {dataset!r} may hold only letters, digits, '_', '.', '-'")
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: file not found")
+    try:
+        frame = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, low_memory=False)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read as {'Parquet' if p.suffix == '.parquet' else 'CSV'}: {exc}") from None
+    frame = frame.rename(columns=IMPORT_RENAMES)
+    with warnings.catch_warnings():
+        # metadata is added column by column to a ~6,000-column frame: pandas' fragmentation warning is noise
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        return _import_frame(lake, frame, p, dataset, metadata, metadata_dir)
+
+
+def _import_frame(lake: Lake, frame: pd.DataFrame, p: Path, dataset: str, metadata: dict[str, str] | None,
+                  metadata_dir: str | None) -> dict:
+    path = str(p)
+    for key in ("Metadata_Plate", "Metadata_Well"):
+        if key not in frame:
+            raise UserError(f"{path}: column {key} is missing (JUMP well-level profiles have it)")
+        frame[key] = frame[key].astype(str)
+    names = [c for c in aggregate.feature_columns(frame) if pd.api.types.is_numeric_dtype(frame[c])]
+    if not names:
+        raise UserError(f"{path}: no CellProfiler feature columns (Cells_*, Nuclei_*, Cytoplasm_*)")
+    if lake.exists(storage_schemas.table_spec("sites").path):
+        sites = lake.read_named("sites").to_pandas()
+        known = sites.drop_duplicates(["Metadata_Plate", "Metadata_Well"])[
+            ["Metadata_Plate", "Metadata_Well", "Metadata_Source", "Metadata_Batch", "Metadata_JCP2022",
+             "Metadata_pert_type"]]
+        frame = _fill(frame, known, ["Metadata_Plate", "Metadata_Well"])
+    if metadata_dir:
+        d = Path(metadata_dir)
+        if (d / "plate.csv.gz").exists():
+            frame = _fill(frame, pd.read_csv(d / "plate.csv.gz", dtype=str)[
+                ["Metadata_Plate", "Metadata_Source", "Metadata_Batch"]], ["Metadata_Plate"])
+        wells = sorted(d.glob("well*.csv.gz"))
+        if wells:
+            frame = _fill(frame, pd.read_csv(wells[0], dtype=str)[["Metadata_Plate", "Metadata_Well",
+                                                                    "Metadata_JCP2022"]],
+                          ["Metadata_Plate", "Metadata_Well"])
+        if (d / "perturbation_control.csv").exists():
+            frame = _fill(frame, pd.read_csv(d / "perturbation_control.csv", dtype=str)[
+                ["Metadata_JCP2022", "Metadata_pert_type"]], ["Metadata_JCP2022"])
+    for key, value in (metadata or {}).items():
+        if key not in (*REQUIRED_WELL_META, "Metadata_pert_type"):
+            raise UserError(f"--meta {key}=...: only {', '.join((*REQUIRED_WELL_META, 'Metadata_pert_type'))}")
+        frame[key] = frame[key].fillna(value) if key in frame else value
+    missing = [k for k in REQUIRED_WELL_META if k not in frame or frame[k].isna().any()]
+    if missing:
+        raise UserError(f"{path}: cannot determine {', '.join(missing)} for every well; give them with "
+                        f"--meta KEY=VALUE or a JUMP metadata folder with --metadata-dir")
+    if "Metadata_pert_type" not in frame:
+        frame["Metadata_pert_type"] = np.where(frame["Metadata_JCP2022"] == DMSO_JCP2022, "negcon", "trt")
+    if "Metadata_SiteCount" not in frame:
+        frame["Metadata_SiteCount"] = 1
+    frame["Metadata_Draw"] = NO_DRAW
+    part = _safe(f"import-{p.stem}")
+    lake.write_named("features_well", _to_arrow(frame, "features_well", names), part=part,
+                     partition={"dataset": dataset}, config={"imported_from": str(p)})
+    lake.commit_unit(f"{IMPORT_STAGE}-{dataset}", part, {"wells": len(frame), "file": str(p)})
+    treatments = write_treatments(lake, dataset, config={"imported_from": str(p)})
+    kept = set(names) | set(storage_schemas.table_spec("features_well").schema.names)
+    return {"dataset": dataset, "wells": int(len(frame)), "features": len(names), "treatments": treatments,
+            "dropped_columns": [c for c in frame.columns if c not in kept]}
+
+
+def _fill(frame: pd.DataFrame, lookup: pd.DataFrame, on: list[str]) -> pd.DataFrame:
+    """Fill missing/NaN metadata columns of ``frame`` from ``lookup`` joined on ``on`` (never overwrite)."""
+    lookup = lookup.drop_duplicates(on)
+    merged = frame[on].merge(lookup, on=on, how="left")
+    for col in lookup.columns:
+        if col in on:
+            continue
+        if col in frame:
+            frame[col] = frame[col].where(frame[col].notna(), merged[col].to_numpy())
+        else:
+            frame[col] = merged[col].to_numpy()
+    return frame
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def load_profile_config(args) -> ProfileConfig:
+    base = PRESETS[args.preset]
+    cfg = load_config(ProfileConfig, args.config, args.set or [], base=base)
+    if args.feature_set:
+        cfg = replace(cfg, features=replace(cfg.features, feature_set=args.feature_set))
+    if args.single_cell:
+        cfg = replace(cfg, single_cell=True)
+    if args.workers:
+        cfg = replace(cfg, workers=args.workers)
+    return replace(cfg, dataset=args.dataset)
+
+
+def _cmd_profile(args) -> int:
+    from pipelines.cli import lake_from_args
+
+    lake = lake_from_args(args)
+    if getattr(args, "profile_command", None) == "import":
+        meta = dict(_key_value(kv) for kv in args.meta or [])
+        summary = import_profiles(lake, args.file, args.dataset, metadata=meta, metadata_dir=args.metadata_dir)
+    else:
+        cfg = load_profile_config(args)
+        if args.reset:
+            lake.reset_stage(marker_stage(cfg.dataset))
+        summary = run(lake, cfg)
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise UserError(f"--meta {text!r} must look like KEY=VALUE")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("profile", help="segment images and extract CellProfiler-style features into Parquet",
+                            description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="real", help="'real' (catalog sites) or a synthetic generation run")
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--config", default=None, help="YAML config (keys of ProfileConfig)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    parser.add_argument("--feature-set", choices=("default", "full"), default=None)
+    parser.add_argument("--single-cell", action="store_true", help="also write features_single_cell")
+    parser.add_argument("--workers", type=int, default=None, help="parallel Ray Data workers")
+    parser.add_argument("--reset", action="store_true", help="forget committed units and redo the dataset")
+    parser.set_defaults(func=_cmd_profile, profile_command=None)
+    inner = parser.add_subparsers(dest="profile_command", metavar="[import]")
+    imp = inner.add_parser("import", help="import JUMP/CellProfiler well-level profiles (CSV/Parquet)")
+    imp.add_argument("file", help="CSV or Parquet with JUMP column names")
+    imp.add_argument("--dataset", required=True, help="dataset name the profiles are filed under")
+    imp.add_argument("--meta", action="append", metavar="KEY=VALUE",
+                     help="constant metadata for columns the file lacks (e.g. Metadata_Source=source_4)")
+    imp.add_argument("--metadata-dir", default=None,
+                     help="JUMP metadata folder (plate.csv.gz, well*.csv.gz, perturbation_control.csv)")
+    imp.set_defaults(func=_cmd_profile, profile_command="import")
