@@ -19,3 +19,57 @@ EVAL_RESULTS = register(TableSpec(
         pa.field("n_queries", pa.int32()),
     ]),
 ))
+
+
+def _run_table(name: str, description: str, fields: list[pa.Field]) -> TableSpec:
+    # Not under eval/: pyarrow's hive discovery of eval/ (eval_results) would also pick up any other Parquet
+    # file below it and merge the schemas. eval_tables/<name>/run=<run>/<part>.parquet keeps tables apart.
+    return register(TableSpec(name=name, path=f"eval_tables/{name.removeprefix('eval_')}",
+                              partitioning=("run",), description=description,
+                              schema=pa.schema([pa.field("run", pa.string()), *fields])))
+
+
+_KEYS = [pa.field("task", pa.string(), nullable=False), pa.field("query_split", pa.string(), nullable=False),
+         pa.field("metric", pa.string(), nullable=False)]
+
+EVAL_SUMMARY = _run_table("eval_summary", "mean and SD over folds per data type x task x split", [
+    pa.field("data_type", pa.string(), nullable=False), _KEYS[0], _KEYS[1],
+    pa.field("mAP_mean", pa.float64()), pa.field("mAP_sd", pa.float64()),
+    pa.field("ROC-AUC_mean", pa.float64()), pa.field("ROC-AUC_sd", pa.float64()),
+    pa.field("mAP-chance_mean", pa.float64()), pa.field("ROC-AUC-chance_mean", pa.float64()),
+    pa.field("n_queries", pa.int64()), pa.field("n_folds", pa.int64()),
+])
+
+EVAL_ANOVA = _run_table("eval_anova", "one-way ANOVA across data types per task x split x metric", [
+    *_KEYS, pa.field("F", pa.float64()), pa.field("p_value", pa.float64()),
+    pa.field("df_between", pa.float64()), pa.field("df_within", pa.float64()),
+])
+
+EVAL_TUKEY = _run_table("eval_tukey", "Tukey HSD between data types (adjusted p-values)", [
+    *_KEYS, pa.field("group1", pa.string(), nullable=False), pa.field("group2", pa.string(), nullable=False),
+    pa.field("meandiff", pa.float64()), pa.field("p_adj", pa.float64()), pa.field("lower", pa.float64()),
+    pa.field("upper", pa.float64()), pa.field("reject", pa.bool_()),
+])
+
+EVAL_EXCLUSIONS = _run_table("eval_exclusions", "compounds left out of a task, one reason each", [
+    pa.field("Metadata_JCP2022", pa.string(), nullable=False), pa.field("task", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+])
+
+EVAL_COPAIRS = _run_table("eval_copairs", "copairs mAP per compound (activity) or MoA (consistency)", [
+    pa.field("data_type", pa.string(), nullable=False), pa.field("analysis", pa.string(), nullable=False),
+    pa.field("query_split", pa.string()), pa.field("group", pa.string(), nullable=False),
+    pa.field("mean_average_precision", pa.float64()), pa.field("corrected_p_value", pa.float64()),
+    pa.field("below_corrected_p", pa.bool_()),
+])
+
+EVAL_TRUTH_RECOVERY = _run_table("eval_truth_recovery", "per compound: r of predicted vs simulator-true effects", [
+    pa.field("data_type", pa.string(), nullable=False), pa.field("Metadata_JCP2022", pa.string(), nullable=False),
+    pa.field("query_split", pa.string()), pa.field("pearson_r", pa.float64()),
+])
+
+EVAL_EMBEDDING = _run_table("eval_embedding", "2-D map (UMAP/PCA) of well-level profiles for the report", [
+    pa.field("data_type", pa.string(), nullable=False), pa.field("x", pa.float32()), pa.field("y", pa.float32()),
+    pa.field("Metadata_JCP2022", pa.string()), pa.field("Metadata_Source", pa.string()),
+    pa.field("Metadata_Batch", pa.string()), pa.field("Metadata_moa", pa.string()),
+])

@@ -1,0 +1,191 @@
+"""Figures (matplotlib PNG) and the HTML report of an evaluation run.
+
+Figures: bar charts of mAP and ROC-AUC (mean +- SD over folds) per task x query split with one bar per data
+type and the chance level; profile maps (UMAP or PCA) coloured by compound, batch and MoA, one panel per data
+type; truth recovery per data type when the simulator's truth is known. Tables: the summary, ANOVA and Tukey
+HSD (adjusted p-values), copairs mAP, exclusion counts.
+"""
+from __future__ import annotations
+
+import html
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+#: Colours of the first categories in maps; the rest are drawn grey (too many compounds to tell apart).
+MAX_COLOURED = 20
+SUMMARY_METRICS = ("mAP", "ROC-AUC")
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")  # headless: no display on workers or CI
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and SD over folds per data type x task x split for mAP and ROC-AUC (and their chance levels).
+
+    Returns:
+        DataFrame [data_type, task, query_split, mAP_mean, mAP_sd, ROC-AUC_mean, ROC-AUC_sd,
+        mAP-chance_mean, ROC-AUC-chance_mean, n_queries, n_folds].
+    """
+    folds = results[results["fold"] >= 0]
+    keys = ["data_type", "task", "query_split"]
+    out = None
+    for metric in (*SUMMARY_METRICS, *(f"{m}-chance" for m in SUMMARY_METRICS)):
+        sub = folds[folds["metric"] == metric].groupby(keys)
+        part = sub["value"].agg(["mean", "std"]).rename(columns={"mean": f"{metric}_mean", "std": f"{metric}_sd"})
+        if metric.endswith("-chance"):
+            part = part[[f"{metric}_mean"]]
+        if metric == "mAP":
+            part["n_queries"] = sub["n_queries"].mean().round().astype("Int64")
+            part["n_folds"] = sub["fold"].nunique()
+        out = part if out is None else out.join(part, how="outer")
+    if out is None:
+        return pd.DataFrame(columns=keys)
+    return out.reset_index()
+
+
+def bar_chart(summary: pd.DataFrame, task: str, path_or_buffer) -> None:
+    """mAP and ROC-AUC bars (mean +- SD over folds) for one task: x = query split, one bar per data type."""
+    plt = _plt()
+    sub = summary[summary["task"] == task]
+    data_types = sorted(sub["data_type"].unique())
+    splits = [s for s in ("seen", "unseen") if s in set(sub["query_split"])]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / max(1, len(data_types))
+    for ax, metric in zip(axes, SUMMARY_METRICS):
+        for i, dt in enumerate(data_types):
+            rows = sub[sub["data_type"] == dt].set_index("query_split").reindex(splits)
+            x = np.arange(len(splits)) + (i - (len(data_types) - 1) / 2) * width
+            ax.bar(x, rows[f"{metric}_mean"], width, yerr=rows[f"{metric}_sd"].fillna(0), capsize=3, label=dt)
+        chance = sub.groupby("query_split")[f"{metric}-chance_mean"].mean().reindex(splits)
+        for j, value in enumerate(chance):
+            ax.hlines(value, j - 0.45, j + 0.45, colors="k", linestyles="dashed", linewidth=1)
+        ax.set_xticks(np.arange(len(splits)), splits)
+        ax.set_ylabel(f"{metric} (mean +- SD over folds)")
+        ax.set_title(f"{task}: {metric} (dashed: chance)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path_or_buffer, format="png", dpi=100)
+    plt.close(fig)
+
+
+def embedding_figure(embeddings: pd.DataFrame, colour_by: str, path_or_buffer) -> None:
+    """Scatter of the 2-D maps, one panel per data type, coloured by ``colour_by``.
+
+    Args:
+        embeddings: rows [data_type, x, y, <colour_by>].
+    """
+    plt = _plt()
+    data_types = sorted(embeddings["data_type"].unique())
+    fig, axes = plt.subplots(1, max(1, len(data_types)), figsize=(4 * max(1, len(data_types)), 4), squeeze=False)
+    # one colour per category across all panels: the most frequent categories overall, the rest grey
+    top = list(embeddings[colour_by].astype(str).value_counts().index[:MAX_COLOURED])
+    cmap = plt.get_cmap("tab20")
+    for ax, dt in zip(axes[0], data_types):
+        sub = embeddings[embeddings["data_type"] == dt]
+        values = sub[colour_by].astype(str)
+        rest = ~values.isin(top)
+        ax.scatter(sub["x"][rest], sub["y"][rest], s=4, c="lightgrey")
+        for k, name in enumerate(top):
+            pick = values == name
+            ax.scatter(sub["x"][pick], sub["y"][pick], s=6, color=cmap(k % 20), label=name)
+        ax.set_title(f"{dt}: {colour_by}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if len(data_types) and embeddings[colour_by].nunique() <= MAX_COLOURED:
+        axes[0][-1].legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    fig.savefig(path_or_buffer, format="png", dpi=100)
+    plt.close(fig)
+
+
+def recovery_figure(recovery: pd.DataFrame, path_or_buffer) -> None:
+    """Box plot of the per-compound truth recovery (Pearson r) per data type."""
+    plt = _plt()
+    data_types = sorted(recovery["data_type"].unique())
+    fig, ax = plt.subplots(figsize=(1.6 * len(data_types) + 2, 4))
+    ax.boxplot([recovery.loc[recovery["data_type"] == dt, "pearson_r"].dropna() for dt in data_types])
+    ax.set_xticks(np.arange(1, len(data_types) + 1), data_types, rotation=20)
+    ax.set_ylabel("per-compound r")
+    ax.set_title("profile vs truth-implied profile (cross-validated ridge)")
+    fig.tight_layout()
+    fig.savefig(path_or_buffer, format="png", dpi=100)
+    plt.close(fig)
+
+
+def png_bytes(draw, *args) -> bytes:
+    """Run a figure function into memory and return the PNG bytes (the lake writes them)."""
+    buffer = io.BytesIO()
+    draw(*args, buffer)
+    return buffer.getvalue()
+
+
+def compute_embedding(values: np.ndarray, method: str = "umap", seed: int = 0) -> np.ndarray:
+    """(n, 2) float32 map of (n, f) profiles: UMAP (umap-learn) or the first two principal components."""
+    values = np.asarray(values, dtype=np.float32)
+    if len(values) < 4:
+        return np.zeros((len(values), 2), dtype=np.float32)
+    if method == "umap":
+        import umap
+        reducer = umap.UMAP(n_neighbors=min(15, len(values) - 1), random_state=seed, n_jobs=1)
+        return reducer.fit_transform(values).astype(np.float32)
+    from sklearn.decomposition import PCA
+    return PCA(n_components=2, random_state=seed).fit_transform(values).astype(np.float32)
+
+
+@dataclass
+class ReportContent:
+    """What the HTML page shows. Figures are (title, relative PNG path)."""
+
+    run: str
+    summary: pd.DataFrame
+    anova: pd.DataFrame
+    tukey: pd.DataFrame
+    copairs: pd.DataFrame
+    exclusions: pd.DataFrame
+    recovery: pd.DataFrame | None
+    figures: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _table(frame: pd.DataFrame, max_rows: int = 200) -> str:
+    if frame is None or len(frame) == 0:
+        return "<p><i>none</i></p>"
+    return frame.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0,
+                                        classes="t", na_rep="")
+
+
+def render_html(content: ReportContent) -> str:
+    """A self-contained HTML page (figures referenced as relative ``figures/*.png``)."""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>cpldm evaluation {html.escape(content.run)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table.t{border-collapse:collapse;"
+        "font-size:12px}table.t td,table.t th{padding:2px 6px;border-bottom:1px solid #ddd}</style>",
+        f"</head><body><h1>cpldm evaluation: {html.escape(content.run)}</h1>",
+        "<p>Subprofile nearest-neighbour prediction (Pahl et al. 2023) of MoA and targets; mean and SD over "
+        "cross-validation folds that re-draw the reference compounds; queries split into compounds seen and "
+        "unseen in training.</p>",
+    ]
+    for note in content.notes:
+        parts.append(f"<p><b>Note:</b> {html.escape(note)}</p>")
+    parts += ["<h2>Summary</h2>", _table(content.summary)]
+    for title, rel in content.figures:
+        parts.append(f"<h3>{html.escape(title)}</h3><img src='{html.escape(rel)}' style='max-width:100%'>")
+    parts += ["<h2>One-way ANOVA across data types</h2>", _table(content.anova),
+              "<h2>Tukey HSD (adjusted p-values)</h2>", _table(content.tukey),
+              "<h2>copairs mAP (activity vs DMSO, consistency within MoA)</h2>", _table(content.copairs)]
+    if content.recovery is not None and len(content.recovery):
+        rec = content.recovery.groupby("data_type")["pearson_r"].agg(["mean", "median", "count"]).reset_index()
+        parts += ["<h2>Ground-truth recovery (simulator)</h2>", _table(rec)]
+    if len(content.exclusions):
+        counts = content.exclusions.groupby(["task", "reason"]).size().rename("compounds").reset_index()
+        parts += ["<h2>Excluded compounds</h2>", _table(counts)]
+    parts.append("</body></html>")
+    return "\n".join(parts)
