@@ -50,7 +50,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
     else:
         # a bounded object store keeps several local clusters (tests, demo) within a laptop's shared memory
         store = int(float(os.environ.get("CPLDM_OBJECT_STORE_BYTES", 1.5e9)))
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        # address="local": always start a private cluster, never attach to another `ray start` on the machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  object_store_memory=store, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"

@@ -113,12 +113,17 @@ class Lake:
         return full[len("s3://"):] if full.startswith("s3://") else full
 
     def exists(self, rel: str) -> bool:
+        if self.is_s3:
+            self.fs.invalidate_cache(self.fs_path(rel))
         return self.fs.exists(self.fs_path(rel))
 
     def ls(self, rel: str = "", recursive: bool = False) -> list[str]:
         """Lake-relative paths below ``rel`` (files only when ``recursive``), sorted."""
         base = self.fs_path("")
         target = self.fs_path(rel)
+        if self.is_s3:
+            # s3fs caches listings; other processes (Ray workers) may have written since
+            self.fs.invalidate_cache(target)
         if not self.fs.exists(target):
             return []
         if recursive:
