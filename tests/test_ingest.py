@@ -1,0 +1,244 @@
+"""Image preprocessing and `cpldm ingest`: latents compared with a plain reference loop, rejects,
+resumption after a kill, and the real cpg0016 S3 layout served by the moto server."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from test_catalog import CHANNELS, IMAGE_PX, build_raw_lake, real_example_metadata, tiff_bytes
+
+CROP = 16
+
+
+# ---------------------------------------------------------------------------------------------- pure images
+def test_normalise_matches_formula_and_denormalise_inverts():
+    from cpldm_core.images import denormalise, normalise
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 20000, (5, 8, 8)).astype(np.uint16)
+    low, high = np.array([100, 200, 300, 400, 500.0]), np.array([15000, 16000, 17000, 18000, 19000.0])
+    x = normalise(img, low, high)
+    ref = np.clip(2 * (img - low[:, None, None]) / (high - low)[:, None, None] - 1, -1, 1)
+    np.testing.assert_allclose(x, ref, atol=1e-6)
+    assert x.dtype == np.float32
+    back = denormalise(x, low, high)
+    inside = (img >= low[:, None, None]) & (img <= high[:, None, None])
+    assert np.abs(back.astype(int) - img.astype(int))[inside].max() <= 1
+    assert (back[~inside & (img < low[:, None, None])] == np.broadcast_to(low[:, None, None], img.shape)[
+        ~inside & (img < low[:, None, None])]).all()
+
+
+def test_robust_percentiles_pool_pixels_like_numpy():
+    from cpldm_core.images import robust_percentiles
+
+    rng = np.random.default_rng(1)
+    imgs = [rng.gamma(2.0, 500.0 * (k + 1), (5, 16, 16)) for k in range(3)]
+    norm = robust_percentiles(imgs, 1.0, 99.0)
+    pooled = np.concatenate([i.reshape(5, -1) for i in imgs], axis=1)
+    np.testing.assert_allclose(norm.low, np.percentile(pooled.astype(np.float32), 1.0, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(norm.high, np.percentile(pooled.astype(np.float32), 99.0, axis=1), rtol=1e-5)
+
+
+def test_crops_and_tiles():
+    from cpldm_core.images import ImageError, centre_crop, crops_of
+
+    img = np.arange(5 * 10 * 12).reshape(5, 10, 12)
+    np.testing.assert_array_equal(centre_crop(img, 4), img[:, 3:7, 4:8])
+    tiles = crops_of(img, "tile", 4, grid=2)
+    assert tiles.shape == (4, 5, 4, 4)
+    np.testing.assert_array_equal(tiles[0], img[:, 1:5, 2:6])
+    np.testing.assert_array_equal(tiles[3], img[:, 5:9, 6:10])
+    with pytest.raises(ImageError, match="smaller"):
+        centre_crop(img, 16)
+
+
+def test_reader_reasons_for_bad_files(tmp_path):
+    from pipelines.ingest import SiteReader
+
+    good = np.full((8, 8), 1000, np.uint16)
+    files = {}
+    for name, data in {"good": tiff_bytes(good), "trunc": tiff_bytes(good)[:60], "u8": tiff_bytes(good.astype(np.uint8)),
+                       "small": tiff_bytes(good[:4]), "rgb": tiff_bytes(np.zeros((8, 8, 3), np.uint16))}.items():
+        files[name] = str(tmp_path / f"{name}.tiff")
+        open(files[name], "wb").write(data)
+    files["missing"] = str(tmp_path / "nope.tiff")
+
+    def row(bad):
+        return {"Metadata_SiteKey": bad, **{f"URL_Orig{ch}": files["good"] for ch in CHANNELS},
+                "URL_OrigER": files[bad] if bad != "good" else files["good"]}
+
+    out = SiteReader().read_sites([row(k) for k in ("good", "trunc", "u8", "small", "rgb", "missing")])
+    assert out[0].shape == (5, 8, 8) and out[0].dtype == np.float32
+    reasons = [str(e) for e in out[1:]]
+    assert "not a readable TIFF" in reasons[0] and "trunc.tiff" in reasons[0]
+    assert "uint16" in reasons[1]
+    assert "different shapes" in reasons[2]
+    assert "2-D" in reasons[3]
+    assert "cannot read" in reasons[4] and "nope.tiff" in reasons[4]
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def save_tiny_vae(lake, name: str = "tinyvae", seed: int = 0) -> str:
+    """A random tiny AutoencoderKL in diffusers format at vae/<name>/ in the lake; returns its local copy dir."""
+    import tempfile
+
+    import torch
+    from cpldm_core.autoencoder import build_vae
+
+    torch.manual_seed(seed)
+    vae = build_vae("tiny", sample_size=CROP)
+    vae.register_to_config(scaling_factor=0.7)
+    tmp = tempfile.mkdtemp(prefix="tinyvae-")
+    vae.save_pretrained(os.path.join(tmp, "vae"))
+    for f in os.listdir(os.path.join(tmp, "vae")):
+        lake.write_bytes(f"vae/{name}/{f}", open(os.path.join(tmp, "vae", f), "rb").read())
+    return tmp
+
+
+def ingest_config(**kw):
+    from cpldm_core.images import IngestConfig
+    base = dict(vae="tinyvae", crop_size=CROP, stats_sites=8, rows_per_shard=4, batch_size=4, subset="all",
+                low_percentile=1.0, high_percentile=99.0)
+    return IngestConfig(**{**base, **kw})
+
+
+def reference_latents(model, images: dict, keys, norm, illum: dict) -> dict:
+    """Plain loop: TIFF pixels -> illumination -> normalise -> centre crop -> encode (no Ray, no zarr)."""
+    import torch
+    from cpldm_core.images import centre_crop, normalise
+
+    out = {}
+    for k in keys:
+        img = images[k].astype(np.float32)
+        plate = k.split("/")[2]
+        if plate in illum:
+            img = img / illum[plate]
+        x = centre_crop(normalise(img, norm["low"], norm["high"]), CROP)
+        out[k] = model.encode(torch.from_numpy(np.ascontiguousarray(x[None]))).numpy()[0]
+    return out
+
+
+def test_ingest_matches_reference_with_rejects(lake, ray_cluster):
+    from cpldm_core.autoencoder import ChannelGroupAutoencoder
+    from cpldm_core.images import robust_percentiles
+    from cpldm_core.load_data import CatalogConfig
+    from pipelines import catalog, ingest
+
+    truth = build_raw_lake(lake, corrupt=True, illum=True)
+    catalog.run(lake, CatalogConfig())
+    tmp = save_tiny_vae(lake)
+    summary = ingest.run(lake, ingest_config())
+    sites = lake.read_named("sites").to_pandas()
+    assert summary["sites"] == len(sites) == summary["encoded_sites"] + summary["rejected"]
+    rejects = lake.read_named("rejects").to_pandas()
+    rejects = rejects[rejects["stage"] == "ingest-tinyvae"]
+    assert dict(zip(rejects["item"], rejects["reason"])).keys() == truth["broken"].keys()
+    for key, reason in zip(rejects["item"], rejects["reason"]):
+        assert truth["broken"][key] in reason
+
+    norm = ingest.read_normalisation(lake, "tinyvae").to_dict()
+    # statistics: the same sample through a naive percentile computation
+    sample = ingest.stats_sample(sites[sites["Metadata_SiteKey"].isin(
+        ingest.select_sites(lake, "train")["Metadata_SiteKey"])], 8, 0)
+    imgs = [truth["images"][k].astype(np.float32) / truth["illum"][k.split("/")[2]]
+            if k.split("/")[2] in truth["illum"] else truth["images"][k]
+            for k in sample["Metadata_SiteKey"] if k not in truth["broken"]]
+    ref_norm = robust_percentiles(imgs, 1.0, 99.0)
+    np.testing.assert_allclose(norm["low"], ref_norm.low, rtol=1e-5)
+    np.testing.assert_allclose(norm["high"], ref_norm.high, rtol=1e-5)
+
+    index = lake.read_named("latent_index").to_pandas()
+    arr = ingest.open_latents(lake, "tinyvae", mode="r")
+    assert arr.dtype == np.float16 and arr.shape[1:] == (8, CROP // 8, CROP // 8)
+    assert arr.attrs["vae_id"] == "tinyvae" and arr.attrs["scaling_factor"] == pytest.approx(0.7)
+    assert arr.attrs["channel_groups"] == [[0, 1, 2], [2, 3, 4]]
+    assert arr.attrs["normalisation"]["low"] == norm["low"]
+    assert set(index["Metadata_SiteKey"]) == set(sites["Metadata_SiteKey"]) - set(truth["broken"])
+    # every plate starts on a shard boundary and owns whole shards
+    for unit in lake.committed_units("ingest-tinyvae"):
+        info = lake.unit_info("ingest-tinyvae", unit)
+        assert info["offset"] % 4 == 0 and info["rows"] % 4 == 0
+    model = ChannelGroupAutoencoder.from_pretrained(os.path.join(tmp, "vae"))
+    ref = reference_latents(model, truth["images"], index["Metadata_SiteKey"], norm, truth["illum"])
+    got = arr[:][index["Metadata_LatentRow"].to_numpy()]
+    want = np.stack([ref[k] for k in index["Metadata_SiteKey"]])
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    # rows not in the index are padding (NaN)
+    unused = np.setdiff1d(np.arange(arr.shape[0]), index["Metadata_LatentRow"].to_numpy())
+    assert np.isnan(arr[:][unused].astype(np.float32)).all()
+    # index metadata agrees with the catalog
+    merged = index.merge(sites, on="Metadata_SiteKey", suffixes=("", "_cat"))
+    assert (merged["Metadata_JCP2022"] == merged["Metadata_JCP2022_cat"]).all()
+
+
+def test_ingest_killed_run_resumes_to_identical_output(local_lake, ray_cluster):
+    """Run B stops after 2 plates, leaves garbage in an uncommitted plate's rows, then resumes; run A is
+    uninterrupted and loads the same VAE through the from_pretrained(path, subfolder="vae") path."""
+    from pipelines import catalog, ingest
+    from cpldm_core.load_data import CatalogConfig
+
+    build_raw_lake(local_lake, corrupt=True)
+    catalog.run(local_lake, CatalogConfig())
+    tmp = save_tiny_vae(local_lake)
+    a = ingest.run(local_lake, ingest_config(vae=tmp, vae_subfolder="vae", vae_id="a"))
+    assert a["vae_id"] == "a"
+    first = ingest.run(local_lake, ingest_config(vae_id="b"), max_units=2)
+    assert first["units_committed"] == 2
+    arr_b = ingest.open_latents(local_lake, "b")
+    info = {u: local_lake.unit_info("ingest-b", u) for u in local_lake.committed_units("ingest-b")}
+    untouched = max(set(range(0, arr_b.shape[0], 4)) - {i["offset"] for i in info.values()})
+    arr_b[untouched:untouched + 4] = np.full((4, *arr_b.shape[1:]), 7.0, np.float16)  # partial write of a killed task
+    second = ingest.run(local_lake, ingest_config(vae_id="b", batch_size=2))   # resources may change
+    assert second["units_written"] == a["units"] - 2 and second["units_committed"] == a["units"]
+    za, zb = ingest.open_latents(local_lake, "a", mode="r")[:], ingest.open_latents(local_lake, "b", mode="r")[:]
+    np.testing.assert_array_equal(za, zb)   # NaN == NaN here
+    ia = local_lake.read_table("latents/index/vae=a").to_pandas().sort_values("Metadata_LatentRow")
+    ib = local_lake.read_table("latents/index/vae=b").to_pandas().sort_values("Metadata_LatentRow")
+    pd.testing.assert_frame_equal(ia.reset_index(drop=True), ib.reset_index(drop=True))
+    assert a["rejected"] == second["rejected"] == 4
+    # a changed config is refused instead of silently mixing caches
+    from cpldm_core.errors import UserError
+    with pytest.raises(UserError, match="another config"):
+        ingest.run(local_lake, ingest_config(vae_id="b", high_percentile=99.5))
+
+
+def test_ingest_reads_real_cpg0016_layout_from_s3(s3_endpoint, local_lake, ray_cluster):
+    """Real load_data with s3://cellpainting-gallery/cpg0016-jump/... URLs and illum .npy, served by moto."""
+    import boto3
+    from cpldm_core.load_data import CatalogConfig
+    from pipelines import catalog, ingest
+    from conftest import shared_path
+
+    example = shared_path("data/jump-metadata/example_load_data/"
+                          "current_csv__source_4__2021_04_26_Batch1__BR00117035__load_data_with_illum_A01_site1.csv")
+    raw = pd.read_csv(example, dtype=str)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    try:
+        s3.create_bucket(Bucket="cellpainting-gallery")
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    rng = np.random.default_rng(3)
+    img = rng.integers(100, 4000, (5, IMAGE_PX, IMAGE_PX)).astype(np.uint16)
+    illum = rng.uniform(0.8, 1.2, (5, IMAGE_PX, IMAGE_PX)).astype(np.float32)
+    for j, ch in enumerate(CHANNELS):
+        s3.put_object(Bucket="cellpainting-gallery", Key=raw[f"URL_Orig{ch}"][0][len("s3://cellpainting-gallery/"):],
+                      Body=tiff_bytes(img[j]))
+        buf = io.BytesIO()
+        np.save(buf, illum[j])
+        s3.put_object(Bucket="cellpainting-gallery", Key=raw[f"URL_Illum{ch}"][0][len("s3://cellpainting-gallery/"):],
+                      Body=buf.getvalue())
+    real_example_metadata(local_lake)
+    catalog.run(local_lake, CatalogConfig(unseen_compound_fraction=0.0, heldout_batch_fraction=0.0),
+                load_data=[str(example)])
+    save_tiny_vae(local_lake)
+    summary = ingest.run(local_lake, ingest_config(stats_sites=1, low_percentile=0.0, high_percentile=100.0))
+    assert summary["encoded_sites"] == 1 and summary["rejected"] == 0
+    norm = ingest.read_normalisation(local_lake, "tinyvae")
+    corrected = img.astype(np.float32) / illum
+    np.testing.assert_allclose(norm.low, corrected.reshape(5, -1).min(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(norm.high, corrected.reshape(5, -1).max(axis=1), rtol=1e-5)
