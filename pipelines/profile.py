@@ -213,7 +213,8 @@ def _to_arrow(frame: pd.DataFrame, table_name: str, names: list[str]) -> pa.Tabl
         arrays.append(pa.Array.from_pandas(frame[f.name].reset_index(drop=True), type=f.type))
         fields.append(f)
     for name in names:
-        arrays.append(pa.array(frame[name].to_numpy(np.float32), type=pa.float32()))
+        # an image without cells has no feature values: pandas may hold them as pd.NA, Parquet gets NaN
+        arrays.append(pa.array(frame[name].to_numpy(dtype=np.float32, na_value=np.nan), type=pa.float32()))
         fields.append(pa.field(name, pa.float32()))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 

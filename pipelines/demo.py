@@ -1,0 +1,188 @@
+"""``cpldm demo``: the whole method end to end on the embedded default.
+
+simulate -> catalog -> fit-vae -> ingest -> embed -> train scm and scm-free -> generate (N small and N large, both
+models, from identical noise) -> profile real and synthetic -> evaluate -> report.
+
+Every step calls the stage's own ``run(lake, config)`` (the same code ``cpldm <stage>`` and ``ray job submit``
+run), on an in-process Ray unless ``--ray-address``/``RAY_ADDRESS`` is given. Each finished step is committed with
+a marker (``_markers/demo/<step>``), so a rerun skips what is done; the stages themselves are resumable too, so an
+interrupted step continues where it stopped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
+
+from cpldm_core.configuration import config_to_dict, load_config
+from cpldm_core.errors import UserError
+from pipelines.storage import Lake
+
+log = logging.getLogger(__name__)
+
+DEMO_STAGE = "demo"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``cpldm demo`` runs.
+
+    Attributes:
+        preset: stage presets to use: ``tiny`` (CI, a few minutes) or ``demo`` (the embedded default).
+        scenario: simulator scenario (``default`` = JUMP-like confounding, ``unconfounded``).
+        seed: simulator seed.
+        draws: the g-estimation sizes N generated for both models (the paper uses 10 and 100).
+        evaluation_run: name of the evaluation run (``eval/<run>/``).
+    """
+
+    preset: Literal["tiny", "demo"] = "demo"
+    scenario: str = "default"
+    seed: int = 0
+    draws: tuple[int, ...] = (10, 30)
+    evaluation_run: str = "demo"
+
+
+DEMO_PRESETS = {
+    "tiny": DemoConfig(preset="tiny", draws=(2, 4)),
+    "demo": DemoConfig(preset="demo", draws=(10, 30)),
+}
+
+MODELS = ("scm", "scm-free")
+
+
+def _steps(cfg: DemoConfig) -> list[tuple[str, Callable[[Lake], dict]]]:
+    """The demo's steps in order, each a (name, function of the lake) pair."""
+    from pipelines import catalog, embed, evaluate, fit_vae, generate, ingest, profile, simulate, train
+    from cpldm_core.autoencoder import FIT_VAE_PRESETS
+    from cpldm_core.compounds import EMBED_PRESETS
+    from cpldm_core.design import generate_preset
+    from cpldm_core.diffusion import TRAIN_PRESETS
+    from cpldm_core.evaluation.config import PRESETS as EVAL_PRESETS
+    from cpldm_core.features.config import PRESETS as PROFILE_PRESETS
+    from cpldm_core.images import INGEST_PRESETS
+    from cpldm_core.load_data import CATALOG_PRESETS
+    from cpldm_core.simulate.config import simulation_config
+
+    p = cfg.preset
+    steps: list[tuple[str, Callable[[Lake], dict]]] = [
+        ("simulate", lambda lake: simulate.run(lake, simulation_config(p, cfg.scenario, cfg.seed), preview=True)),
+        ("catalog", lambda lake: catalog.run(lake, CATALOG_PRESETS[p])),
+        ("fit-vae", lambda lake: fit_vae.run(lake, FIT_VAE_PRESETS[p])),
+        ("ingest", lambda lake: ingest.run(lake, INGEST_PRESETS[p])),
+        ("embed", lambda lake: embed.run(lake, EMBED_PRESETS[p])),
+    ]
+    for model in MODELS:
+        steps.append((f"train-{model}", lambda lake, m=model: train.run(lake, replace(TRAIN_PRESETS[p], model=m),
+                                                                       run=m)))
+    gen_runs = []
+    for n in cfg.draws:
+        for model in MODELS:
+            # one seed namespace per N: both models draw the same confounders and noise for (compound, i)
+            gcfg = generate_preset(p, model_run=model, draws=n, seed_namespace=f"demo-N{n}")
+            gen_runs.append(gcfg.run_name)
+            steps.append((f"generate-{gcfg.run_name}", lambda lake, g=gcfg: generate.run(lake, g)))
+    steps.append(("profile-real", lambda lake: profile.run(lake, PROFILE_PRESETS[p], dataset="real")))
+    for gen_run in gen_runs:
+        steps.append((f"profile-{gen_run}", lambda lake, d=gen_run: profile.run(lake, PROFILE_PRESETS[p], dataset=d)))
+    steps.append(("evaluate", lambda lake: evaluate.run(lake, replace(EVAL_PRESETS[p], run=cfg.evaluation_run))))
+    return steps
+
+
+def _brief(summary: dict) -> str:
+    """One line out of a stage's summary dict: its scalar counts."""
+    items = [f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
+    return ", ".join(items[:6])
+
+
+def run(lake: Lake, config: DemoConfig, only: list[str] | None = None, force: bool = False,
+        echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the demo. Returns ``{"steps": [...], "evaluation": <evaluate summary dict>}``."""
+    from pipelines.ray_runtime import ensure_ray
+
+    lake.init(create_bucket=lake.is_s3)
+    lake.write_config("demo", config)
+    if force:
+        lake.reset_stage(DEMO_STAGE)
+    ensure_ray()
+    steps = _steps(config)
+    names = [n for n, _ in steps]
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise UserError(f"unknown demo step(s) {unknown}; steps are: {', '.join(names)}")
+    done = lake.committed_units(DEMO_STAGE)
+    records, evaluation = [], None
+    t_start = time.time()
+    for i, (name, func) in enumerate(steps, 1):
+        if only and name not in only:
+            continue
+        prefix = f"[{i:2d}/{len(steps)}] {name:24s}"
+        if name in done and not only:
+            echo(f"{prefix} already done (committed), skipped")
+            records.append({"step": name, "seconds": 0.0, "skipped": True})
+            continue
+        echo(f"{prefix} running ... (total elapsed {time.time() - t_start:6.0f} s)")
+        t0 = time.time()
+        summary = func(lake) or {}
+        seconds = time.time() - t0
+        lake.commit_unit(DEMO_STAGE, name, {"seconds": seconds})
+        records.append({"step": name, "seconds": seconds, "skipped": False})
+        echo(f"{prefix} done in {seconds:6.1f} s  {_brief(summary)}")
+        if name == "evaluate":
+            evaluation = summary
+    if evaluation is None and lake.is_committed(DEMO_STAGE, "evaluate"):
+        evaluation = _load_evaluation(lake, config)
+    total = sum(r["seconds"] for r in records)
+    echo(f"demo finished: {total:.0f} s of stage work this run; lake {lake.uri}")
+    if evaluation is not None:
+        echo(format_summary(evaluation))
+    lake.write_json("demo/steps.json", {"steps": records, "config": config_to_dict(config)})
+    return {"steps": records, "evaluation": evaluation}
+
+
+def _load_evaluation(lake: Lake, config: DemoConfig) -> dict:
+    """Summary of an already committed evaluation, recomputed from its results table (no re-evaluation)."""
+    import pandas as pd
+    from pipelines import evaluate
+    table = lake.read_named("eval_results").to_pandas()
+    table = table[table["run"] == config.evaluation_run]
+    return {"summary": evaluate.summarise(table) if hasattr(evaluate, "summarise") else table,
+            "report": lake.uri_of(f"eval/{config.evaluation_run}/report.html"),
+            "truth_recovery": pd.DataFrame()}
+
+
+def format_summary(evaluation: dict) -> str:
+    """The demo's result table: data type x task x split, mAP and ROC-AUC (mean +- SD over folds)."""
+    import pandas as pd
+    lines = []
+    summary = evaluation.get("summary")
+    if isinstance(summary, pd.DataFrame) and len(summary):
+        lines.append("\nMoA / target prediction (subprofile nearest neighbour; mean +- SD over folds):")
+        lines.append(summary.to_string(index=False))
+    truth = evaluation.get("truth_recovery")
+    if isinstance(truth, pd.DataFrame) and len(truth):
+        lines.append("\nGround-truth recovery (per-compound correlation of estimated vs true phenotype):")
+        lines.append(truth.to_string(index=False))
+    if evaluation.get("report"):
+        lines.append(f"\nreport: {evaluation['report']}")
+    return "\n".join(lines)
+
+
+def _cmd_demo(args) -> int:
+    from pipelines.cli import lake_from_args
+    lake = lake_from_args(args)
+    cfg = load_config(DemoConfig, args.config, args.set or [], base=DEMO_PRESETS[args.preset])
+    run(lake, cfg, only=args.only, force=args.force)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole method end to end on the embedded default (resumable)")
+    p.add_argument("--preset", choices=sorted(DEMO_PRESETS), default="demo",
+                   help="tiny: CI-sized, a few minutes; demo: the embedded default (default)")
+    p.add_argument("--config", help="YAML file with DemoConfig keys")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a DemoConfig key (repeatable)")
+    p.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (e.g. evaluate)")
+    p.add_argument("--force", action="store_true", help="forget which steps are done and run them all again")
+    p.set_defaults(func=_cmd_demo)
