@@ -174,11 +174,14 @@ class ConfounderAwareDenoiser(nn.Module):
         compound_input: ``"pooled"`` ((B, D) vectors) or ``"tokens"`` ((B, T, D) token embeddings + mask).
         metadata: free JSON-able dict saved with the model (the training pipeline stores the noise schedule
             and training config here, so generation can rebuild its samplers from the model alone).
+        sample_size: latent side the model is trained on; overrides the preset's ``sample_size`` so that the
+            saved config says which latents the model knows (the U-Net itself is convolutional and would
+            accept any side, but samples drawn at another side than the trained one are out of distribution).
     """
 
     def __init__(self, unet: str | dict = "tiny", kind: str = "scm", vocab: ConfounderVocab | None = None,
                  compound_dim: int = 2048, compound_tokens: int = 1, compound_input: str = "pooled",
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, sample_size: int | None = None):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
@@ -194,6 +197,8 @@ class ConfounderAwareDenoiser(nn.Module):
             unet_config = dict(UNET_PRESETS[unet])
         else:
             unet_config = dict(unet)
+        if sample_size is not None:
+            unet_config["sample_size"] = int(sample_size)
         self.unet_preset = unet if isinstance(unet, str) else None
         self.unet_config = unet_config
         self.kind = kind

@@ -110,10 +110,15 @@ def resolve_model(lake, model_run: str) -> ModelInfo:
         raise UserError(f"no trained model '{model_run}' in {lake.uri} (expected {model_rel(model_run)}/"
                         "config.json and weights.pt); run `cpldm train` first or pass --model-run")
     unet = cfg.get("unet") or {}
-    size = int(unet.get("sample_size", 0))
-    channels = int(unet.get("in_channels", 8))
-    if not size:
-        raise UserError(f"{rel}/config.json: U-Net config lacks sample_size")
+    trained = (cfg.get("metadata") or {}).get("latent_shape")
+    if trained:
+        # what the model was trained on wins: the U-Net preset's sample_size may differ (older models did)
+        channels, height, width = (int(v) for v in trained)
+    else:
+        height = width = int(unet.get("sample_size", 0))
+        channels = int(unet.get("in_channels", 8))
+    if not height or not width:
+        raise UserError(f"{rel}/config.json: neither metadata.latent_shape nor the U-Net's sample_size is set")
     vocab = cfg.get("vocab")
     if not vocab:
         if lake.exists(f"{rel}/vocab.json"):
@@ -121,7 +126,7 @@ def resolve_model(lake, model_run: str) -> ModelInfo:
     if not vocab or not vocab.get("batches"):
         raise UserError(f"{rel}: no confounder vocabulary (vocab.json): cannot draw training batches and wells")
     return ModelInfo(model_run=model_run, rel_dir=rel, kind=str(cfg.get("kind", "scm")), vocab=vocab,
-                     metadata=dict(cfg.get("metadata") or {}), latent_shape=(channels, size, size),
+                     metadata=dict(cfg.get("metadata") or {}), latent_shape=(channels, height, width),
                      compound_input=str(cfg.get("compound_input", "pooled")))
 
 

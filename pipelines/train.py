@@ -282,7 +282,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)   # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = ConfounderAwareDenoiser(cfg.unet_preset, kind=cfg.model, vocab=vocab,
                                     compound_dim=int(comp_table.shape[-1]), compound_tokens=cfg.compound_tokens,
-                                    compound_input=cfg.compound_input, metadata=loop_config["metadata"])
+                                    compound_input=cfg.compound_input, metadata=loop_config["metadata"],
+                                    sample_size=int(loop_config["metadata"]["latent_shape"][-1]))
     ema = None
     if cfg.ema_decay > 0 and rank == 0:
         ema = model.clone().requires_grad_(False)

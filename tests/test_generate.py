@@ -176,3 +176,29 @@ def test_cli_ray_actors_on_s3_give_the_same_images(s3_lake, ray_cluster, toy, re
     manifest = generate.read_manifest(s3_lake, "ray-s3")
     pd.testing.assert_frame_equal(manifest.drop(columns="run", errors="ignore"),
                                   ref_manifest.drop(columns="run", errors="ignore"))
+
+
+def test_generation_samples_at_the_trained_latent_side_not_the_preset_side(tmp_path):
+    """A model whose U-Net preset says 8x8 latents but which was trained on 4x4 ones (metadata.latent_shape, as
+    ``cpldm train`` records it) generates 32 px images, the size of its training crops; without the metadata
+    the U-Net's own sample_size is used."""
+    from benchmarks.bench_generate import TOY_VAE, WELLS
+    from cpldm_core.denoiser import ConfounderAwareDenoiser, ConfounderVocab
+    from cpldm_core.diffusion import ScheduleConfig
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.init()
+    build_toy_lake(lake, kinds=("scm",), n_compounds=3)
+    vocab = ConfounderVocab.fit([s for s, _ in BATCHES], [b for _, b in BATCHES], WELLS)
+    base = {"schedule": ScheduleConfig().to_dict(), "vae_id": TOY_VAE, "encoder_id": TOY_ENCODER}
+    for run, metadata in (("trained-4", {**base, "latent_shape": [8, 4, 4]}), ("preset-8", base)):
+        model = ConfounderAwareDenoiser(unet="tiny", kind="scm", vocab=vocab, compound_dim=16, metadata=metadata)
+        assert model.unet.config.sample_size == 8
+        model.save_pretrained(tmp_path / run)
+        for f in sorted((tmp_path / run).iterdir()):
+            lake.write_bytes(f"models/{run}/final/{f.name}", f.read_bytes())
+    assert generate.resolve_model(lake, "trained-4").latent_shape == (8, 4, 4)
+    assert generate.resolve_model(lake, "preset-8").latent_shape == (8, 8, 8)
+    generate.run(lake, config(model_run="trained-4", draws=1, steps=2), use_ray=False)
+    assert generate.open_images(lake, "trained-4-N1").shape[-2:] == (SIDE, SIDE)
+

@@ -195,13 +195,17 @@ def test_scm_free_on_s3_and_resume(ray_cluster, s3_lake):
     from cpldm_core.errors import UserError
     from pipelines import train
 
-    write_training_lake(s3_lake)
+    # 4x4 latents, while the tiny U-Net preset says 8: the model must record the side it was trained on
+    write_training_lake(s3_lake, size=4)
     cfg = train.load_train_config("tiny", overrides={**TINY, "max_steps": 4, "checkpoint_every": 2,
                                                      "val_every": 0}, model="scm-free")
     summary = train.run(s3_lake, cfg, run="free")
     assert summary["steps"] == 4 and summary["model"] == "scm-free"
     model = train.load_model(s3_lake, "free")
     assert model.kind == "scm-free" and model.confounder_embed is None
+    assert model.unet.config.sample_size == 4 and tuple(model.metadata["latent_shape"]) == (8, 4, 4)
+    from pipelines.generate import resolve_model
+    assert resolve_model(s3_lake, "free").latent_shape == (8, 4, 4)   # generation samples what was trained
     with pytest.raises(UserError, match="--resume"):
         train.run(s3_lake, cfg, run="free")
     longer = train.load_train_config("tiny", overrides={**TINY, "max_steps": 6, "checkpoint_every": 2,
