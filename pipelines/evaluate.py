@@ -5,8 +5,8 @@ Recipe (one unit of work per data type, committed; a rerun redoes only uncommitt
   ``c-aware-N<draws>`` / ``non-c-aware-N<draws>`` from ``synthetic/<run>/config.json``)
   -> labels (annotation tables, or ``--annotations FILE`` joined on InChIKey) on the compounds profiled in
   every data type
-  -> per data type: DuckDB reads its well-level rows -> MAD normalisation vs DMSO per plate (a synthetic run is
-  one "plate") -> pycytominer feature selection -> [Harmony] -> DuckDB mean per compound (the g-estimate for
+  -> per data type: DuckDB reads its well-level rows -> features variant among DMSO rows -> MAD normalisation vs
+  DMSO per plate (a synthetic run is one "plate") -> outlier drop/clip -> pycytominer feature selection -> [Harmony] -> DuckDB mean per compound (the g-estimate for
   synthetic draws) -> 10-fold subprofile cross-validation (MoA, target) -> copairs mAP -> truth recovery ->
   2-D map
   -> results.parquet, ANOVA/Tukey, summary, figures, report.html.
@@ -27,10 +27,10 @@ from cpldm_core.configuration import config_to_dict, load_config
 from cpldm_core.errors import UserError
 from cpldm_core.evaluation import causal, copairs_metrics, crossval, report
 from cpldm_core.evaluation.config import PRESETS, EvaluateConfig
-from cpldm_core.evaluation.feature_select import select_features
+from cpldm_core.evaluation.feature_select import drop_and_clip_outliers, select_features
 from cpldm_core.evaluation.harmony import batch_silhouette, harmony_correct
 from cpldm_core.evaluation.labels import LabelSet, hub_annotations, moa_labels, target_labels
-from cpldm_core.evaluation.normalize import robust_mad_normalize
+from cpldm_core.evaluation.normalize import robust_mad_normalize, variant_features
 from cpldm_core.evaluation.statistics import compare_data_types
 from pipelines.storage import Lake
 from storage_schemas.columns import DMSO_JCP2022, FEATURE_COLUMNS
@@ -259,12 +259,20 @@ def evaluate_data_type(lake: Lake, cfg: EvaluateConfig, data_type: str, dataset:
         meta, values, names = read_wells(con, dataset)
         is_control = ((meta[COMPOUND] == DMSO_JCP2022) | (meta["Metadata_pert_type"] == "negcon")).to_numpy()
         values[~np.isfinite(values)] = np.nan
-        values, no_ctrl = robust_mad_normalize(values, meta["Metadata_Plate"].fillna("NA").to_numpy(), is_control,
-                                               cfg.mad_epsilon)
+        plates = meta["Metadata_Plate"].fillna("NA").to_numpy()
+        if cfg.variant_features:
+            variant = variant_features(values, plates, is_control, cfg.min_abs_coef_var)
+            values, names = values[:, variant], [n for n, v in zip(names, variant) if v]
+            log.info("%s: %d features vary among the DMSO rows of every plate/run (%d constant dropped)",
+                     data_type, len(names), int((~variant).sum()))
+        values, no_ctrl = robust_mad_normalize(values, plates, is_control, cfg.mad_epsilon)
         if no_ctrl:
             log.warning("%s: %d plate(s)/run(s) without DMSO rows normalised against all their rows: %s",
                         data_type, len(no_ctrl), no_ctrl[:5])
         values[~np.isfinite(values)] = np.nan
+        if cfg.outlier_threshold > 0:
+            bounded, values = drop_and_clip_outliers(values, cfg.outlier_threshold)
+            values, names = values[:, bounded], [n for n, b in zip(names, bounded) if b]
         kept = select_features(values, names, cfg.feature_ops, cfg.na_cutoff, cfg.corr_threshold,
                                cfg.min_variance, cfg.feature_select_max_rows)
         if len(kept) < 2:

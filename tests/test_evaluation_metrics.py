@@ -99,6 +99,49 @@ def test_mad_normalisation_matches_pycytominer_per_plate():
         np.testing.assert_allclose(ours[sub.index], ref[feats].to_numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_variant_features_match_the_jump_recipe_rule_per_plate():
+    """The JUMP recipe's rule, computed naively with pandas + scipy on the controls of each plate: keep a feature
+    when its MAD != 0 and |MAD / median| (0 where the median is 0) > 1e-3 on every plate."""
+    from scipy.stats import median_abs_deviation
+
+    from cpldm_core.evaluation.normalize import variant_features
+
+    rng = np.random.default_rng(3)
+    n = 80
+    frame = pd.DataFrame(rng.gamma(2.0, size=(n, 6)) * 10, columns=[f"Cells_F_{i}" for i in range(6)])
+    plates = np.repeat(["p1", "p2"], n // 2)
+    control = np.arange(n) % 4 == 0
+    frame.loc[control & (plates == "p2"), "Cells_F_1"] = 7.0           # constant among p2's DMSO wells only
+    frame.loc[control, "Cells_F_2"] = 3.0 + 1e-6 * rng.normal(size=control.sum())  # |MAD/median| ~ 1e-7
+    frame.loc[control, "Cells_F_3"] = rng.normal(size=control.sum())   # median ~0, MAD > 0: coefficient kept
+    frame.loc[control, "Cells_F_4"] = rng.choice([0.0, 0.0, 0.0, 5.0], size=control.sum())  # median 0: dropped
+    frame.loc[3, "Cells_F_5"] = np.nan                                   # a NaN is omitted, not fatal
+    keep = variant_features(frame.to_numpy(), plates, control)
+    expected = np.ones(6, dtype=bool)
+    for plate in ("p1", "p2"):
+        ref = frame[control & (plates == plate)]
+        mad = median_abs_deviation(ref, nan_policy="omit", axis=0)
+        coef = pd.Series(mad / ref.median().to_numpy()).fillna(0).abs().replace(np.inf, 0).to_numpy()
+        expected &= (mad != 0) & (coef > 1e-3)
+    assert keep.tolist() == expected.tolist()
+    assert not keep[1] and not keep[2] and keep[0] and keep[5]
+
+
+def test_outlier_step_matches_the_jump_recipe():
+    from cpldm_core.evaluation.feature_select import drop_and_clip_outliers
+
+    rng = np.random.default_rng(4)
+    values = rng.normal(size=(300, 4)) * [1.0, 1.0, 20.0, 1.0]   # column 2: |x| up to ~60, some > 40
+    values[:10, 1] = 1e17                       # a blown-up feature (zero DMSO MAD): 99th percentile > 100
+    values[0, 3] = 500.0                        # one extreme value: below the percentile rule, clipped
+    kept, clipped = drop_and_clip_outliers(values)
+    frame = pd.DataFrame(values)
+    expected = ~(frame.abs().quantile(0.99) > 100).to_numpy()
+    assert kept.tolist() == expected.tolist() == [True, False, True, True]
+    np.testing.assert_allclose(clipped[:, kept], frame.loc[:, kept].clip(-100, 100).to_numpy(), rtol=1e-6)
+    assert clipped[0, 3] == 100.0
+
+
 def test_feature_selection_matches_pycytominer_ops_on_known_structure():
     import pycytominer
 

@@ -1,7 +1,8 @@
 """Configuration of the evaluation stage (frozen dataclass + presets).
 
 Defaults follow the paper (METHOD.md "Evaluation"): labels with >= 10 compounds, K = 5 reference compounds
-per label, sign consistency > 85 %, 10 folds. Presets shrink the thresholds for the small simulated worlds.
+per label, sign consistency > 85 %, 10 folds; profile processing follows the JUMP profiling recipe (variant
+features -> MAD normalisation vs DMSO -> outlier drop/clip -> pycytominer feature selection). Presets shrink the thresholds for the small simulated worlds.
 """
 from __future__ import annotations
 
@@ -33,7 +34,12 @@ class EvaluateConfig:
         n_folds: cross-validation folds (each re-draws the references).
         reference_pool: draw references from ``all`` labelled compounds or only ``seen`` ones.
         seed: base seed; fold f uses ``numpy.random.default_rng([seed, f])``.
+        variant_features: keep only features whose DMSO MAD is non-zero (and |MAD/median| > min_abs_coef_var)
+            in every plate / synthetic run before normalising (the JUMP recipe's ``var`` step).
+        min_abs_coef_var: the recipe's 1e-3.
         mad_epsilon: added to the MAD (pycytominer ``mad_robustize_epsilon``).
+        outlier_threshold: after normalising, drop features whose 99th percentile of |value| exceeds this and clip
+            the rest to +-this (the recipe's ``outlier`` step, 100); 0 turns the step off.
         feature_ops: pycytominer feature-selection operations, applied in this order.
         na_cutoff, corr_threshold, min_variance: pycytominer's parameters (its defaults).
         feature_select_max_rows: rows (evenly spaced) used to *choose* features on very large tables.
@@ -64,7 +70,10 @@ class EvaluateConfig:
     n_folds: int = PAPER_N_FOLDS
     reference_pool: Literal["all", "seen"] = "all"
     seed: int = 0
+    variant_features: bool = True
+    min_abs_coef_var: float = 1e-3
     mad_epsilon: float = 1e-18
+    outlier_threshold: float = 100.0
     feature_ops: tuple[str, ...] = ("variance_threshold", "correlation_threshold", "drop_na_columns")
     na_cutoff: float = 0.05
     corr_threshold: float = 0.9

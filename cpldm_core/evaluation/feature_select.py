@@ -4,10 +4,12 @@ pycytominer decides which *columns* to keep; on very large well-level tables the
 evenly spaced subset of rows (``max_rows``), which keeps the correlation and frequency computations bounded
 (pycytominer's correlation step is (f x f) but copies the whole table several times).
 
+:func:`drop_and_clip_outliers` is the recipe's outlier step between normalisation and feature selection.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -16,6 +18,31 @@ log = logging.getLogger(__name__)
 
 #: pycytominer operation names this stage accepts.
 KNOWN_OPS = ("variance_threshold", "correlation_threshold", "drop_na_columns", "drop_outliers")
+#: JUMP profiling recipe (``remove_outliers``): after MAD normalisation, drop features whose 99th percentile of
+#: absolute values exceeds 100, then clip the others to [-100, 100].
+RECIPE_OUTLIER_THRESHOLD = 100.0
+RECIPE_OUTLIER_QUANTILE = 0.99
+
+
+def drop_and_clip_outliers(values: np.ndarray, threshold: float = RECIPE_OUTLIER_THRESHOLD,
+                           quantile: float = RECIPE_OUTLIER_QUANTILE) -> tuple[np.ndarray, np.ndarray]:
+    """The JUMP recipe's outlier step on normalised profiles.
+
+    Args:
+        values: (n, f) float normalised profiles (NaN ignored by the quantile, kept in the output).
+        threshold: features whose ``quantile`` of |x| exceeds it are dropped; the rest are clipped to +-threshold.
+
+    Returns:
+        (kept (f,) bool, (n, f) float32 clipped values; dropped columns are returned unclipped).
+    """
+    values = np.asarray(values, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN columns have a NaN quantile: kept here,
+        high = np.nanquantile(np.abs(values), quantile, axis=0)   # drop_na_columns decides about them
+    kept = ~(high > threshold)
+    clipped = values.copy()
+    clipped[:, kept] = np.clip(values[:, kept], -threshold, threshold)
+    return kept, clipped
 
 
 def select_features(values: np.ndarray, feature_names: list[str], ops: tuple[str, ...] = (
