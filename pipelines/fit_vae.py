@@ -95,6 +95,9 @@ def fit_task(endpoint_url: str | None, records: list[dict], norm: dict, cfg: dic
     perm = rng.permutation(len(crops))
     n_eval = min(EVAL_CROPS, max(1, len(crops) // 5))
     eval_x, train_x = crops[perm[:n_eval]], crops[perm[n_eval:]] if len(crops) > n_eval else crops[perm]
+    # initial weights from the config's seed, not from whatever the (reused) Ray worker's global RNG holds:
+    # a refit or a rerun of a killed stage must give the same VAE
+    torch.manual_seed(config.seed)
     vae = build_vae(config.architecture, sample_size=config.crop_size)
     device = "cuda" if config.num_gpus and torch.cuda.is_available() else "cpu"
     history = fit_small_vae(vae, group_samples(train_x), config.steps, config.batch_size, config.lr,

@@ -116,3 +116,8 @@ def test_fit_vae_stage_writes_diffusers_model(local_lake, ray_cluster):
     assert json.loads(json.dumps(local_lake.read_json(f"{base}/fit/config.json")))["config"]["vae_id"] == cfg.vae_id
     again = fit_vae.run(local_lake, cfg)
     assert again["skipped"] and again["vae_id"] == cfg.vae_id
+    # a forced refit (in a Ray worker whose global torch RNG has moved on) gives the same weights, byte for byte
+    weights = local_lake.read_bytes(f"{base}/diffusion_pytorch_model.safetensors")
+    refit = fit_vae.run(local_lake, cfg, force=True)
+    assert not refit.get("skipped") and refit["final_mse"] == summary["final_mse"]
+    assert local_lake.read_bytes(f"{base}/diffusion_pytorch_model.safetensors") == weights
