@@ -24,7 +24,6 @@ import pandas as pd
 import pyarrow as pa
 
 from cpldm_core import load_data as ld
-from cpldm_core.configuration import load_config
 from cpldm_core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -159,20 +158,20 @@ def run(lake, config: ld.CatalogConfig, load_data: list[str] | None = None) -> d
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> None:
+    from pipelines.cli import add_config_arguments
+
     p = subparsers.add_parser("catalog", help="JUMP load_data + metadata -> catalog tables and the split",
                               description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="demo", choices=sorted(ld.CATALOG_PRESETS), help="config preset")
-    p.add_argument("--config", default=None, help="YAML file with CatalogConfig keys")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_config_arguments(p, ld.CATALOG_PRESETS, ld.CatalogConfig)
     p.add_argument("--load-data", action="append", default=None, metavar="URI",
                    help="a load_data file (CSV/Parquet, local or s3://); repeatable (default: discover in the lake)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    from pipelines.cli import lake_from_args
+    from pipelines.cli import config_from_args, lake_from_args
 
-    cfg = load_config(ld.CatalogConfig, args.config, args.set, base=ld.CATALOG_PRESETS[args.preset])
+    cfg = config_from_args(ld.CatalogConfig, ld.CATALOG_PRESETS, args)
     summary = run(lake_from_args(args), cfg, load_data=args.load_data)
     print(json.dumps(summary, indent=2))
     return 0

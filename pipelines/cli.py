@@ -53,6 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, presets, config_class: type, default: str = "demo",
+                         preset_help: str | None = None) -> None:
+    """The three arguments every stage takes, parsed into ``args.preset``, ``args.config`` and ``args.set``.
+
+    ``--preset NAME`` (one of ``presets``), ``--config FILE`` (YAML of ``config_class`` keys) and ``--set KEY=VALUE``
+    (repeatable; nested keys with dots). The stage applies them in that order (:func:`config_from_args`), then its
+    own dedicated flags.
+    """
+    parser.add_argument("--preset", default=default, choices=sorted(presets),
+                        help=preset_help or f"config preset (default: {default})")
+    parser.add_argument("--config", default=None, metavar="FILE", help=f"YAML file of {config_class.__name__} keys")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a {config_class.__name__} key (repeatable, e.g. --set a.b=1)")
+
+
+def config_from_args(config_class: type, presets, args, extra: list[str] | None = None):
+    """``config_class`` from ``args.preset`` (a key of ``presets``), then ``args.config``, then ``args.set``, then
+    ``extra`` ``KEY=VALUE`` overrides (the stage's dedicated flags)."""
+    from cpldm_core.configuration import load_config
+
+    return load_config(config_class, args.config, [*args.set, *(extra or [])], base=presets[args.preset])
+
+
 def lake_from_args(args):
     from pipelines.storage import Lake
     return Lake(args.lake, endpoint_url=args.endpoint_url)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
-from cpldm_core.configuration import config_to_dict, load_config
+from cpldm_core.configuration import config_to_dict
 from cpldm_core.errors import UserError
 from pipelines.storage import Lake
 
@@ -170,19 +170,19 @@ def format_summary(evaluation: dict) -> str:
 
 
 def _cmd_demo(args) -> int:
-    from pipelines.cli import lake_from_args
+    from pipelines.cli import config_from_args, lake_from_args
     lake = lake_from_args(args)
-    cfg = load_config(DemoConfig, args.config, args.set or [], base=DEMO_PRESETS[args.preset])
+    cfg = config_from_args(DemoConfig, DEMO_PRESETS, args)
     run(lake, cfg, only=args.only, force=args.force)
     return 0
 
 
 def add_parser(sub) -> None:
+    from pipelines.cli import add_config_arguments
+
     p = sub.add_parser("demo", help="run the whole method end to end on the embedded default (resumable)")
-    p.add_argument("--preset", choices=sorted(DEMO_PRESETS), default="demo",
-                   help="tiny: CI-sized, a few minutes; demo: the embedded default (default)")
-    p.add_argument("--config", help="YAML file with DemoConfig keys")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a DemoConfig key (repeatable)")
+    add_config_arguments(p, DEMO_PRESETS, DemoConfig,
+                         preset_help="tiny: CI-sized, a few minutes; demo: the embedded default (default)")
     p.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (e.g. evaluate)")
     p.add_argument("--force", action="store_true", help="forget which steps are done and run them all again")
     p.set_defaults(func=_cmd_demo)

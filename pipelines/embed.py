@@ -418,6 +418,8 @@ def load_embed_config(config_file: str | None = None, overrides: list[str] | dic
 
 
 def add_parser(subparsers) -> None:
+    from pipelines.cli import add_config_arguments
+
     p = subparsers.add_parser("embed", help="embed catalog compounds (+ novel SMILES) with Morgan or MolT5, cached",
                               description=__doc__.split("\n")[0])
     p.add_argument("--encoder", choices=cc.ENCODERS, default=None, help="encoder (default: morgan)")
@@ -425,10 +427,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--smiles", default=None, metavar="FILE",
                    help="CSV of extra compounds: Metadata_JCP2022 (or ID) and SMILES (or Metadata_SMILES)")
     p.add_argument("--no-catalog", action="store_true", help="embed only --smiles, not the catalog's compounds")
-    p.add_argument("--preset", default="demo", choices=sorted(cc.EMBED_PRESETS))
-    p.add_argument("--config", default=None, help="YAML config file (EmbedConfig keys)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (e.g. --set morgan_bits=1024)")
+    add_config_arguments(p, cc.EMBED_PRESETS, cc.EmbedConfig)
     p.set_defaults(func=_cli)
 
 
@@ -437,7 +436,7 @@ def _cli(args) -> int:
 
     from pipelines.cli import lake_from_args
 
-    overrides = list(args.overrides)
+    overrides = list(args.set)
     if args.encoder:
         overrides.append(f"encoder={args.encoder}")
     if args.model:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from cpldm_core.configuration import config_to_dict, load_config
+from cpldm_core.configuration import config_to_dict
 from cpldm_core.errors import UserError
 from cpldm_core.evaluation import causal, copairs_metrics, crossval, report
 from cpldm_core.evaluation.config import PRESETS, EvaluateConfig
@@ -533,11 +533,11 @@ def write_report(lake: Lake, cfg: EvaluateConfig, summary, anova, tukey, copairs
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_parser(sub) -> None:
+    from pipelines.cli import add_config_arguments
+
     p = sub.add_parser("evaluate", help="subprofile MoA/target prediction per data type, statistics, report",
                        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="config preset (default demo)")
-    p.add_argument("--config", help="YAML config file (keys of EvaluateConfig)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    add_config_arguments(p, PRESETS, EvaluateConfig)
     p.add_argument("--run", help="evaluation run name (default from config: 'default')")
     p.add_argument("--annotations", help="Repurposing Hub style file (InChIKey + moa/target), joined on InChIKey")
     p.add_argument("--data-types", help="comma-separated data types to evaluate (default: all found)")
@@ -546,16 +546,16 @@ def add_parser(sub) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from pipelines.cli import lake_from_args
+    from pipelines.cli import config_from_args, lake_from_args
 
-    overrides = list(args.set)
+    overrides = []
     if args.run:
         overrides.append(f"run={args.run}")
     if args.data_types:
         overrides.append(f"data_types={args.data_types}")
     if args.harmony_batch_key:
         overrides.append(f"harmony_batch_key={args.harmony_batch_key}")
-    cfg = load_config(EvaluateConfig, args.config, overrides, base=PRESETS[args.preset])
+    cfg = config_from_args(EvaluateConfig, PRESETS, args, overrides)
     lake = lake_from_args(args)
     lake.check_reachable()
     out = run(lake, cfg, annotations=args.annotations)

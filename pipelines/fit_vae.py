@@ -27,7 +27,7 @@ import numpy as np
 
 from cpldm_core import images as im
 from cpldm_core.autoencoder import FIT_VAE_PRESETS, FitVaeConfig
-from cpldm_core.configuration import config_to_dict, load_config
+from cpldm_core.configuration import config_to_dict
 from cpldm_core.errors import UserError
 from storage_schemas import columns as c
 
@@ -158,20 +158,19 @@ def run(lake, config: FitVaeConfig, force: bool = False) -> dict:
 
 
 def add_parser(subparsers) -> None:
+    from pipelines.cli import add_config_arguments
+
     p = subparsers.add_parser("fit-vae", help="fit a small AutoencoderKL on the lake's training crops",
                               description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="demo", choices=sorted(FIT_VAE_PRESETS), help="config preset")
-    p.add_argument("--config", default=None, help="YAML file with FitVaeConfig keys")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_config_arguments(p, FIT_VAE_PRESETS, FitVaeConfig)
     p.add_argument("--vae-id", default=None, help="output name under vae/ (default: the preset's)")
     p.add_argument("--force", action="store_true", help="refit even if already fitted")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    from pipelines.cli import lake_from_args
+    from pipelines.cli import config_from_args, lake_from_args
 
-    overrides = list(args.set) + ([f"vae_id={args.vae_id}"] if args.vae_id else [])
-    cfg = load_config(FitVaeConfig, args.config, overrides, base=FIT_VAE_PRESETS[args.preset])
+    cfg = config_from_args(FitVaeConfig, FIT_VAE_PRESETS, args, [f"vae_id={args.vae_id}"] if args.vae_id else [])
     print(json.dumps(run(lake_from_args(args), cfg, force=args.force), indent=2))
     return 0

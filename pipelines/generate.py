@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cpldm_core.configuration import load_config
-from cpldm_core.design import ConfounderSpace, DesignSpec, GenerateConfig, generate_preset
+from cpldm_core.design import GENERATE_PRESETS, ConfounderSpace, DesignSpec, GenerateConfig, generate_preset
 from cpldm_core.errors import UserError
 from storage_schemas import columns as cols
 from storage_schemas.zarr_layouts import SYNTHETIC_IMAGES
@@ -659,11 +659,11 @@ def load_generate_config(config_file: str | None = None, overrides: list[str] | 
 
 
 def add_parser(subparsers) -> None:
+    from pipelines.cli import add_config_arguments
+
     p = subparsers.add_parser("generate", help="g-estimation: generate synthetic images from a trained model",
                               description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="demo", help="tiny | demo | paper (default demo)")
-    p.add_argument("--config", default=None, help="YAML file of GenerateConfig keys")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_config_arguments(p, GENERATE_PRESETS, GenerateConfig)
     p.add_argument("--model-run", help="trained model run under models/ (scm, scm-free, ...)")
     p.add_argument("--draws", type=int, help="N draws per compound (paper: 10, 100)")
     p.add_argument("--compounds", help="seen | unseen | all | FILE of JCP2022 ids")

@@ -39,7 +39,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cpldm_core import images as im
-from cpldm_core.configuration import config_to_dict, load_config
+from cpldm_core.configuration import config_to_dict
 from cpldm_core.errors import UserError
 from cpldm_core.load_data import hash_rank, training_sites
 from storage_schemas import columns as c
@@ -460,11 +460,11 @@ def read_normalisation(lake, vae_id: str) -> im.Normalisation:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> None:
+    from pipelines.cli import add_config_arguments
+
     p = subparsers.add_parser("ingest", help="TIFFs -> normalised crops -> channel-group VAE latents (Zarr)",
                               description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="demo", choices=sorted(im.INGEST_PRESETS), help="config preset")
-    p.add_argument("--config", default=None, help="YAML file with IngestConfig keys")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_config_arguments(p, im.INGEST_PRESETS, im.IngestConfig)
     p.add_argument("--vae", default=None, help="fitted VAE name in the lake, a diffusers directory or a model id")
     p.add_argument("--vae-subfolder", default=None, help="subfolder for from_pretrained (e.g. vae)")
     p.add_argument("--vae-id", default=None, help="name of the latent cache (default: derived from --vae)")
@@ -475,13 +475,11 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from pipelines.cli import lake_from_args
+    from pipelines.cli import config_from_args, lake_from_args
 
-    overrides = list(args.set)
-    for key, val in (("vae", args.vae), ("vae_subfolder", args.vae_subfolder), ("vae_id", args.vae_id)):
-        if val is not None:
-            overrides.append(f"{key}={val}")
-    cfg = load_config(im.IngestConfig, args.config, overrides, base=im.INGEST_PRESETS[args.preset])
+    flags = [f"{key}={val}" for key, val in (("vae", args.vae), ("vae_subfolder", args.vae_subfolder),
+                                              ("vae_id", args.vae_id)) if val is not None]
+    cfg = config_from_args(im.IngestConfig, im.INGEST_PRESETS, args, flags)
     units = [u for u in args.plates.split(",") if u] if args.plates else None
     summary = run(lake_from_args(args), cfg, units=units, max_units=args.max_plates, force=args.force)
     print(json.dumps(summary, indent=2))

@@ -26,7 +26,6 @@ import pandas as pd
 import pyarrow as pa
 
 import storage_schemas
-from cpldm_core.configuration import load_config
 from cpldm_core.errors import UserError
 from cpldm_core.features import aggregate
 from cpldm_core.features.config import PRESETS, ProfileConfig
@@ -420,8 +419,9 @@ def _fill(frame: pd.DataFrame, lookup: pd.DataFrame, on: list[str]) -> pd.DataFr
 
 # ------------------------------------------------------------------------------------------------- CLI
 def load_profile_config(args) -> ProfileConfig:
-    base = PRESETS[args.preset]
-    cfg = load_config(ProfileConfig, args.config, args.set or [], base=base)
+    from pipelines.cli import config_from_args
+
+    cfg = config_from_args(ProfileConfig, PRESETS, args)
     if args.feature_set:
         cfg = replace(cfg, features=replace(cfg.features, feature_set=args.feature_set))
     if args.single_cell:
@@ -455,12 +455,12 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def add_parser(sub) -> None:
+    from pipelines.cli import add_config_arguments
+
     parser = sub.add_parser("profile", help="segment images and extract CellProfiler-style features into Parquet",
                             description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="real", help="'real' (catalog sites) or a synthetic generation run")
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    parser.add_argument("--config", default=None, help="YAML config (keys of ProfileConfig)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    add_config_arguments(parser, PRESETS, ProfileConfig)
     parser.add_argument("--feature-set", choices=("default", "full"), default=None)
     parser.add_argument("--single-cell", action="store_true", help="also write features_single_cell")
     parser.add_argument("--workers", type=int, default=None, help="parallel Ray Data workers")

@@ -258,15 +258,14 @@ def run(lake, config: SimulationConfig, plates: list[str] | None = None, preview
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> None:
+    from pipelines.cli import add_config_arguments
+
     p = subparsers.add_parser("simulate", help="write a simulated JUMP-shaped lake with known causal truth",
                               description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="size preset (default: demo)")
+    add_config_arguments(p, PRESETS, SimulationConfig, preset_help="size preset (default: demo)")
     p.add_argument("--scenario", default="default", choices=sorted(SCENARIOS),
                    help="causal scenario (default: JUMP-like confounding)")
     p.add_argument("--seed", type=int, default=None, help="master seed (default: the preset's, 0)")
-    p.add_argument("--config", default=None, help="YAML file with SimulationConfig keys")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set image_size=256 (repeatable)")
     p.add_argument("--plates", default=None, help="comma-separated plate names to simulate (default: all)")
     p.add_argument("--preview", action="store_true", help="also write raw/preview.png (false-colour montage)")
     p.set_defaults(func=_main)

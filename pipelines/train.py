@@ -594,28 +594,27 @@ def load_train_config(preset: str = "demo", config_file: str | None = None,
 
 
 def add_parser(subparsers) -> None:
+    from pipelines.cli import add_config_arguments
+
     p = subparsers.add_parser("train", help="train the scm / scm-free latent diffusion model with Ray Train",
                               description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=("scm", "scm-free"), default=None,
                    help="scm (default): compound + source/batch/well tokens; scm-free: compound tokens only")
-    p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="demo",
-                   help="stage preset (U-Net size, steps, lr, batch): tiny | demo | small | paper")
+    add_config_arguments(p, TRAIN_PRESETS, TrainConfig,
+                         preset_help="stage preset (U-Net size, steps, lr, batch): tiny | demo | small | paper")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP ranks)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 = CPU, gloo)")
     p.add_argument("--cpus-per-worker", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides the preset's max_steps)")
     p.add_argument("--run", default=None, help="run name (default: the model kind); output models/<run>/")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    p.add_argument("--config", default=None, help="YAML file of TrainConfig keys")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (e.g. --set lr=1e-4 --set schedule.beta_end=0.02)")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
     from pipelines.cli import lake_from_args
 
-    cfg = load_train_config(args.preset, args.config, args.overrides, model=args.model, workers=args.workers,
+    cfg = load_train_config(args.preset, args.config, args.set, model=args.model, workers=args.workers,
                             gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                             max_steps=args.steps)
     summary = run(lake_from_args(args), cfg, run=args.run, resume=args.resume)

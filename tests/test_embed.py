@@ -6,7 +6,6 @@ import gzip
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pytest
 
 from conftest import shared_path
 from cpldm_core import compounds as cc

@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 
 from test_catalog import CHANNELS, IMAGE_PX, build_raw_lake, real_example_metadata, tiff_bytes
 
