@@ -74,6 +74,10 @@ def bench_real_site(quick: bool) -> list[dict]:
         _row("real_site_1080", "profile_site_cpu_s", t_all, "CPU-s/site",
              f"segment + default features + QC; CellProfiler ~{CELLPROFILER_CPU_S_PER_SITE} CPU-s"),
         _row("real_site_1080", "speedup_vs_cellprofiler", CELLPROFILER_CPU_S_PER_SITE / t_all, "x"),
+        # what `cpldm cost` prices: JUMP-size sites, one core each (the Ray stage runs one site per core)
+        {**_row("real_site_1080", "throughput per core", 1.0 / t_all, "sites/s",
+                "1 / profile_site_cpu_s: 1080x1080 five-channel JUMP-size site, one core"),
+         "cost_stage": "profile", "cost_per": "vcpu"},
     ]
     return rows
 

@@ -120,11 +120,14 @@ def run(quick: bool = False) -> list[dict]:
         rows.append(_row(f"train_step_{preset}_cpu", "samples/s per worker", r["samples_per_s"], "samples/s",
                          f"{preset} U-Net ({r['params_m']:.2f} M params), {size}x{size} latents, batch {batch}, "
                          "1 thread, no Ray"))
+        if preset == "small":   # the largest U-Net measured on CPUs is the one `cpldm cost` prices
+            rows[-1].update(cost_stage="train", cost_per="vcpu")
     if torch.cuda.is_available():
         r = bench_step("paper", 48, 48, 10, device="cuda", bf16=True)
         rows.append(_row("train_step_paper_gpu_bf16", "samples/s per GPU", r["samples_per_s"], "samples/s",
                          f"paper U-Net ({r['params_m']:.0f} M params), 48x48, batch 48, bf16; "
                          f"{r['flop_fraction']:.1%} of H100 dense bf16 peak"))
+        rows[-1].update(cost_stage="train", cost_per="gpu")
     ray_steps = 20 if quick else 60
     results = {w: bench_ray(w, ray_steps) for w in ((2,) if quick else (1, 2))}
     for w, r in results.items():
