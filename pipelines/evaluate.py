@@ -6,9 +6,9 @@ Recipe (one unit of work per data type, committed; a rerun redoes only uncommitt
   -> labels (annotation tables, or ``--annotations FILE`` joined on InChIKey) on the compounds profiled in
   every data type
   -> per data type: DuckDB reads its well-level rows -> features variant among DMSO rows -> MAD normalisation vs
-  DMSO per plate (a synthetic run is one "plate") -> outlier drop/clip -> pycytominer feature selection -> [Harmony] -> DuckDB mean per compound (the g-estimate for
-  synthetic draws) -> 10-fold subprofile cross-validation (MoA, target) -> copairs mAP -> truth recovery ->
-  2-D map
+  DMSO per plate (a synthetic run is one "plate") -> outlier drop/clip -> pycytominer feature selection ->
+  [Harmony] -> DuckDB mean per compound (the g-estimate for synthetic draws) -> 10-fold subprofile
+  cross-validation (MoA, target) -> copairs mAP -> truth recovery -> 2-D map
   -> results.parquet, ANOVA/Tukey, summary, figures, report.html.
 """
 from __future__ import annotations

@@ -5,11 +5,11 @@ The truth (``Truth_*`` columns, standard units) and the profiles (CellProfiler f
 spaces, so the forward map truth -> features (P -> O) is learnt with ridge regression, cross-validated over
 compounds (a compound's expected profile never used its own profile). Per compound, the recovery is the
 Pearson correlation, across features, between its profile and the profile its true phenotype implies, both
-taken as deviations from the average profile of the fold's training compounds: a component every compound shares (synthetic images
-that all differ from the DMSO reference the same way, say) would otherwise correlate perfectly with the
-intercept of the map and push every compound's r towards 1 whatever its own phenotype. Whatever the truth
-cannot explain lowers it: confounder effects left in a profile (batch offsets of the batches a compound
-happened to be screened in) as well as noise. Per feature, the cross-validated R^2.
+taken as deviations from the average profile of the fold's training compounds: a component every compound
+shares (synthetic images that all differ from the DMSO reference the same way, say) would otherwise correlate
+perfectly with the intercept of the map and push every compound's r towards 1 whatever its own phenotype.
+Whatever the truth cannot explain lowers it: confounder effects left in a profile (batch offsets of the
+batches a compound happened to be screened in) as well as noise. Per feature, the cross-validated R^2.
 """
 from __future__ import annotations
 

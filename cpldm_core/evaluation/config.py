@@ -2,7 +2,8 @@
 
 Defaults follow the paper (METHOD.md "Evaluation"): labels with >= 10 compounds, K = 5 reference compounds
 per label, sign consistency > 85 %, 10 folds; profile processing follows the JUMP profiling recipe (variant
-features -> MAD normalisation vs DMSO -> outlier drop/clip -> pycytominer feature selection). Presets shrink the thresholds for the small simulated worlds.
+features -> MAD normalisation vs DMSO -> outlier drop/clip -> pycytominer feature selection). Presets shrink the
+thresholds for the small simulated worlds.
 """
 from __future__ import annotations
 
