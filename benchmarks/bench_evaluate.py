@@ -5,7 +5,8 @@ cross-validation fold per task (draw references, subprofiles, score every compou
 mAP and ROC-AUC on seen/unseen queries) and, separately, the DuckDB mean of 3 replicate wells per compound
 into treatment profiles. Reported: wall time, throughput (profiles/s) and the peak memory *allocated by the
 step* (tracemalloc: numpy buffers included), which shows that memory grows with queries x labels and
-queries x features, never with queries x queries. ``--quick``: 10,000 only.
+queries x features, never with queries x queries. ``--quick``: 10,000 only. Then the whole ``cpldm evaluate``
+stage on a lake of four data types (:func:`write_evaluation_lake`) with 1 and 2 data types at once as Ray tasks.
 
 ``python -m benchmarks.bench_evaluate [--quick]`` prints the table; the harness runs ``run(quick)``.
 """
@@ -16,10 +17,13 @@ import tracemalloc
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from benchmarks import harness
 from cpldm_core.evaluation.crossval import cross_validate
 from cpldm_core.evaluation.labels import moa_labels, target_labels
+from cpldm_core.evaluation.simulated_profiles import simulate_profiles
+from storage_schemas.columns import DMSO_JCP2022
 
 N_FEATURES = 300      # order of a feature-selected CellProfiler profile (JUMP-MOA plate here: 357)
 N_TRUTH = 16
@@ -43,6 +47,109 @@ def _world(n: int, seed: int = 0):
                         "Metadata_target": targets})
     split = np.where(rng.random(n) < 0.3, "unseen", "seen")
     return ids, profiles, ann, split
+
+
+# ---------------------------------------------------------------------------------------------- a lake
+def features_table(meta: pd.DataFrame, values: np.ndarray, names, draw=None) -> pa.Table:
+    """A ``features_well`` part: the six metadata columns, Metadata_Draw (null for real wells), then features."""
+    draws = pa.array(draw, pa.int32()) if draw is not None else pa.nulls(len(meta), pa.int32())
+    cols = {c: meta[c].astype(str).to_numpy() for c in ("Metadata_Source", "Metadata_Batch", "Metadata_Plate",
+                                                        "Metadata_Well", "Metadata_JCP2022", "Metadata_pert_type")}
+    table = pa.table({**cols,
+                      "Metadata_Draw": draws,
+                      "Metadata_SiteCount": pa.array(np.full(len(meta), 4), pa.int32())})
+    for j, n in enumerate(names):
+        table = table.append_column(n, pa.array(values[:, j], pa.float32()))
+    return table
+
+
+def synthetic_draws(world, draws, batch_strength, seed):
+    """Draw-level rows: each compound x draw gets a uniformly drawn batch (independent of the compound)."""
+    rng = np.random.default_rng(seed)
+    truth, names = world["truth"], world["features"]
+    loadings = np.random.default_rng(99).normal(size=(truth.shape[1], len(names))) / np.sqrt(truth.shape[1])
+    offsets = rng.normal(size=(4, len(names))) * batch_strength
+    rows, values = [], []
+    compounds = list(truth.index) + [DMSO_JCP2022]
+    for cmp in compounds:
+        effect = truth.loc[cmp].to_numpy() @ loadings if cmp != DMSO_JCP2022 else np.zeros(len(names))
+        for d in range(draws):
+            b = int(rng.integers(0, 4))
+            rows.append({"Metadata_Source": f"source_{1 + b % 2}", "Metadata_Batch": f"batch_{b}",
+                         "Metadata_Plate": "synthetic", "Metadata_Well": f"A{d + 1:02d}", "Metadata_JCP2022": cmp,
+                         "Metadata_pert_type": "negcon" if cmp == DMSO_JCP2022 else "trt", "draw": d})
+            values.append(effect + offsets[b] + 0.5 * rng.normal(size=len(names)))
+    meta = pd.DataFrame(rows)
+    return meta, np.asarray(values, np.float32)
+
+
+def write_evaluation_lake(lake, n_compounds: int = 48, n_features: int = 24, seed: int = 0) -> dict:
+    """Write what ``cpldm evaluate`` reads: ``features_well`` of ``real`` (a confounded simulated world) and of two
+    generation runs (``scm-N3``, ``scm-free-N3``, with their ``synthetic/<run>/config.json``), annotations, the
+    compound split and the truth. Returns the simulated world. ``tests/test_evaluate_pipeline.py`` uses it too."""
+    world = simulate_profiles(n_compounds=n_compounds, n_moas=4, n_features=n_features, wells_per_compound=2,
+                              n_batches=4, dmso_per_batch=8, batch_strength=1.0, confounded=True, seed=seed)
+    names = world["features"]
+    meta, values = world["meta"], world["values"]
+    for plate, rows in meta.groupby("Metadata_Plate").groups.items():
+        lake.write_named("features_well", features_table(meta.loc[rows], values[rows], names),
+                         part=f"plate-{plate}", partition={"dataset": "real"})
+    for k, (run, kind) in enumerate((("scm-N3", "scm"), ("scm-free-N3", "scm-free"))):
+        smeta, svalues = synthetic_draws(world, 3, 1.0 if kind == "scm" else 2.0, seed=seed + 1 + k)
+        lake.write_named("features_well", features_table(smeta, svalues, names, smeta["draw"].to_numpy()),
+                         part="block-0", partition={"dataset": run})
+        lake.write_json(f"synthetic/{run}/config.json", {"config": {}, "generation": {"model_kind": kind, "draws": 3}})
+    ann = world["annotations"]
+    lake.write_named("annotations_moa", pa.table({"Metadata_JCP2022": ann["Metadata_JCP2022"].to_numpy(),
+                                                  "Metadata_InChIKey": pa.nulls(len(ann), pa.string()),
+                                                  "Metadata_moa": ann["Metadata_moa"].to_numpy()}))
+    tgt = ann.assign(t=ann["Metadata_target"].str.split("|")).explode("t")
+    lake.write_named("annotations_target", pa.table({"Metadata_JCP2022": tgt["Metadata_JCP2022"].to_numpy(),
+                                                     "Metadata_InChIKey": pa.nulls(len(tgt), pa.string()),
+                                                     "Metadata_target": tgt["t"].to_numpy()}))
+    split = world["split"]
+    lake.write_named("split_compounds", pa.table({"Metadata_JCP2022": split.index.to_numpy(),
+                                                  "Metadata_CompoundSplit": split.to_numpy()}))
+    truth = world["truth"].reset_index()
+    truth.insert(1, "Metadata_moa", world["moa_of"].loc[truth["Metadata_JCP2022"]].to_numpy())
+    lake.write_named("truth_compounds", pa.Table.from_pandas(truth, preserve_index=False))
+    return world
+
+
+def bench_ray_scaling(quick: bool) -> list[dict]:
+    """``cpldm evaluate`` on a local lake of four data types, with 1 and then 2 data types evaluated at once as Ray
+    tasks (``concurrency``), in one run on a private 2-CPU Ray."""
+    import tempfile
+    from dataclasses import replace
+
+    from cpldm_core.evaluation.config import preset
+    from pipelines import evaluate
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.storage import Lake
+
+    n_compounds, n_features = (96, 48) if quick else (1200, 200)
+    ensure_ray(num_cpus=2)
+    walls = {}
+    with tempfile.TemporaryDirectory(dir=harness.work_dir("evaluate")) as tmp:
+        lake = Lake(f"{tmp}/lake")
+        lake.init()
+        write_evaluation_lake(lake, n_compounds=n_compounds, n_features=n_features)
+        # a first, unmeasured run warms both Ray workers (imports): the measured runs then compare like with like
+        for label, concurrency in (("warm-up", 2), ("1", 1), ("2", 2)):
+            cfg = replace(preset("demo"), run=f"scaling-{label}", concurrency=concurrency, num_cpus=1.0,
+                          embedding="pca")
+            start = time.perf_counter()
+            out = evaluate.run(lake, cfg)
+            if label != "warm-up":
+                walls[concurrency] = time.perf_counter() - start
+    note = (f"{len(out['data_types'])} data types ({n_compounds} compounds x {n_features} features, well level), "
+            "demo preset (10 folds), PCA maps, 1 CPU per Ray task, incl. the report")
+    rows = [{"benchmark": "evaluate stage", "metric": f"data types/s ({c} at once)",
+             "value": len(out["data_types"]) / w, "unit": "data types/s", "peak_mem_mb": None,
+             "notes": f"{note}; wall {w:.1f} s"} for c, w in walls.items()]
+    rows.append({"benchmark": "evaluate stage", "metric": "speed-up 2 vs 1 at once", "value": walls[1] / walls[2],
+                 "unit": "x", "peak_mem_mb": None, "notes": "same run, same lake"})
+    return rows
 
 
 def _measure(fn):
@@ -72,7 +179,7 @@ def run(quick: bool = False) -> list[dict]:
             rows.append({"benchmark": f"crossval-{task}-{n}", "metric": "throughput", "value": n / seconds,
                          "unit": "profiles/s", "peak_mem_mb": peak, "notes": note})
         rows.append(_duckdb_row(ids, profiles))
-    return rows
+    return rows + bench_ray_scaling(quick)
 
 
 def _duckdb_row(ids, profiles) -> dict:
