@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.bench_generate import BATCHES, TOY_ENCODER, build_toy_lake
+from benchmarks.bench_generate import BATCHES, TOY_ENCODER, TOY_VAE, WELLS, build_toy_lake
 from cpldm_core.design import GenerateConfig
 from cpldm_core.errors import UserError
 from pipelines import generate
@@ -182,7 +182,6 @@ def test_generation_samples_at_the_trained_latent_side_not_the_preset_side(tmp_p
     """A model whose U-Net preset says 8x8 latents but which was trained on 4x4 ones (metadata.latent_shape, as
     ``cpldm train`` records it) generates 32 px images, the size of its training crops; without the metadata
     the U-Net's own sample_size is used."""
-    from benchmarks.bench_generate import TOY_VAE, WELLS
     from cpldm_core.denoiser import ConfounderAwareDenoiser, ConfounderVocab
     from cpldm_core.diffusion import ScheduleConfig
 
