@@ -56,6 +56,11 @@ def build_toy_lake(lake, kinds=("scm", "scm-free"), n_compounds: int = 6, unet: 
             model.save_pretrained(tmp / kind)
             for f in sorted((tmp / kind).iterdir()):
                 lake.write_bytes(f"models/{kind}/final/{f.name}", f.read_bytes())
+            # what `cpldm train` records beside a model: every toy batch x well was "observed with treatments"
+            lake.write_named("confounder_support", pa.table(
+                {"Metadata_Source": [s for s, _ in BATCHES for _ in WELLS],
+                 "Metadata_Batch": [b for _, b in BATCHES for _ in WELLS],
+                 "Metadata_Well": [w for _ in BATCHES for w in WELLS]}), part="support", partition={"model": kind})
         torch.manual_seed(seed + 1)
         vae = build_vae(vae_arch, sample_size=8 * latent_side)
         vae.save_pretrained(tmp / "vae")
@@ -107,7 +112,8 @@ def _design_memory(n_images: int) -> dict:
 
     draws = 100
     compounds = tuple(f"JCP2022_{k:06d}" for k in range(max(1, n_images // draws)))
-    spec = DesignSpec("bench", compounds, draws, ConfounderSpace(BATCHES, WELLS), block_size=256)
+    space = ConfounderSpace(tuple((s, b, w) for s, b in BATCHES for w in WELLS))
+    spec = DesignSpec("bench", compounds, draws, space, block_size=256)
     tracemalloc.start()
     t0 = time.perf_counter()
     rows = 0

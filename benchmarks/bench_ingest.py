@@ -75,8 +75,8 @@ def save_vae(lake, arch: str, name: str) -> None:
     from cpldm_core.autoencoder import build_vae
     with tempfile.TemporaryDirectory() as tmp:
         build_vae(arch).save_pretrained(tmp)
-        for f in os.listdir(tmp):
-            lake.write_bytes(f"vae/{name}/{f}", open(os.path.join(tmp, f), "rb").read())
+        from pipelines.fit_vae import register_vae
+        register_vae(lake, name, tmp, note=f"bench_ingest: random {arch} AutoencoderKL")
 
 
 def row(benchmark, metric, value, unit, notes) -> dict:

@@ -27,7 +27,8 @@ def _config(quick: bool):
 
     return dataclasses.replace(
         PRESETS["benchmark"], preset="benchmark-cut", n_sources=2, batches_per_source=1, plates_per_batch=2,
-        n_moa=4, compounds_per_moa=6, replicates=1, wells_per_plate=8 if quick else 16, dmso_wells_per_plate=2,
+        n_moa=4, compounds_per_moa=6, replicates=1, shared_fraction=0.0, wells_per_plate=8 if quick else 16,
+        dmso_wells_per_plate=2,
         sites_per_well=1, image_size=256 if quick else 540, cells_per_site=27.0 if quick else 120.0)
 
 
@@ -37,7 +38,7 @@ def _row(name, metric, value, unit, notes):
 
 
 def _render_only(cfg, n_sites: int) -> list[dict]:
-    from cpldm_core.simulate.render import render_world_site
+    from cpldm_core.simulate.oracle import render_world_site
     from cpldm_core.simulate.world import build_world
     from pipelines.simulate import tiff_bytes
 

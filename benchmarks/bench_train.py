@@ -35,15 +35,19 @@ def _row(name, metric, value, unit, notes=""):
             "notes": notes}
 
 
-def bench_step(preset: str, size: int, batch: int, steps: int, device: str = "cpu", bf16: bool = False) -> dict:
+def make_train_step(preset: str, size: int, batch: int, device: str = "cpu", bf16: bool = False, wrap=None):
+    """``(step, model)``: ``step()`` is one training step (v-loss forward + backward + AdamW) on a fixed random
+    batch of ``(batch, 8, size, size)`` latents; ``wrap`` (e.g. DDP) wraps the model the loss is computed on.
+    ``model`` is the unwrapped denoiser (for counting parameters)."""
     import torch
 
-    from cpldm_core.denoiser import ConfounderAwareDenoiser, ConfounderVocab, count_parameters
+    from cpldm_core.denoiser import ConfounderAwareDenoiser, ConfounderVocab
     from cpldm_core.diffusion import make_scheduler, v_prediction_loss
 
     torch.manual_seed(0)
     vocab = ConfounderVocab.fit(["source_1", "source_2"], ["b1", "b2"], ["A01", "B02"])
     model = ConfounderAwareDenoiser(preset, "scm", vocab, compound_dim=2048, compound_tokens=4).to(device)
+    net = wrap(model) if wrap is not None else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sched = make_scheduler("ddpm")
     x = torch.randn(batch, 8, size, size, device=device)
@@ -52,11 +56,20 @@ def bench_step(preset: str, size: int, batch: int, steps: int, device: str = "cp
 
     def step():
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            loss = v_prediction_loss(model, x, c, confounders=conf, scheduler=sched, cond_dropout=0.1)
+            loss = v_prediction_loss(net, x, c, confounders=conf, scheduler=sched, cond_dropout=0.1)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, model
+
+
+def bench_step(preset: str, size: int, batch: int, steps: int, device: str = "cpu", bf16: bool = False) -> dict:
+    import torch
+
+    from cpldm_core.denoiser import count_parameters
+
+    step, model = make_train_step(preset, size, batch, device, bf16)
     for _ in range(2):
         step()
     if device.startswith("cuda"):

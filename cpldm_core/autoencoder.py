@@ -11,12 +11,13 @@ default when no SDXL weights are available), the ``fit-vae`` stage config, and a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
 
+from cpldm_core.configuration import LAKE_NAME
 from cpldm_core.errors import UserError
 
 #: Latent channels and spatial compression of the SD/SDXL VAE family (4 down-blocks -> 2^3 = 8x).
@@ -176,7 +177,7 @@ class FitVaeConfig:
         seed: sampling and initialisation seed.
     """
 
-    vae_id: str = "fitted-small"
+    vae_id: str = field(default="fitted-small", metadata=LAKE_NAME)
     architecture: str = "small"
     crop_size: int = 32
     crops_per_site: int = 8

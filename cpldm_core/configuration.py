@@ -3,11 +3,18 @@
 Every stage has a frozen dataclass config. :func:`load_config` builds one from an optional YAML file and
 command-line overrides (``train.lr=1e-4`` style dotted keys), rejecting unknown keys and wrong types with a
 message naming the key. :func:`config_to_dict` gives the JSON-able dict saved beside every artifact.
+
+Ranges, one rule for every config (:func:`check_ranges`, run by :func:`load_config`): a numeric field must be
+finite (no ``nan``/``inf``) and ``>= 0`` unless it declares its own range in the field metadata,
+``lr: float = field(default=1e-4, metadata=bounds(gt=0))``; a string field that becomes a lake path declares
+``metadata=LAKE_NAME`` and must pass :func:`check_name`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +25,62 @@ import yaml
 from cpldm_core.errors import UserError
 
 T = TypeVar("T")
+
+#: What a user-given name that becomes a path (run, VAE id, dataset) may hold.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+#: Field metadata of a string field that names a lake path (checked by :func:`check_ranges`; ``""`` = unset).
+LAKE_NAME = {"lake_name": True}
+#: Range of a numeric field without its own :func:`bounds`: non-negative.
+DEFAULT_BOUNDS = {"ge": 0}
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """``value`` if it is safe as one path component of the lake, else a :class:`UserError` naming ``what``.
+
+    Letters, digits, ``.``, ``_`` and ``-`` only; no ``..`` and no leading ``.``, so a name can neither leave
+    its folder (``../../x``) nor hide in it.
+    """
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or ".." in value or value.startswith("."):
+        raise UserError(f"{what} {value!r}: names may hold only letters, digits, '.', '_' and '-' "
+                        "(no '/', no '..', not starting with '.')")
+    return value
+
+
+def lake_name(value: str) -> str:
+    """argparse ``type=`` for options naming a lake path (``--run``, ``--vae-id``, ``--dataset``)."""
+    import argparse
+    try:
+        return check_name(value)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def bounds(ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> dict:
+    """Field metadata declaring a numeric range (``ge``: >=, ``gt``: >, ``le``: <=, ``lt``: <)."""
+    return {"bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
+
+
+_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+        "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def check_ranges(config: Any, prefix: str = "") -> None:
+    """Raise :class:`UserError` naming the key when a field of ``config`` (nested too) is out of its range."""
+    for f in dataclasses.fields(config):
+        value, key = getattr(config, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, prefix=f"{key}.")
+        elif f.metadata.get("lake_name"):
+            if value:
+                check_name(value, f"config key '{key}':")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"config key '{key}': {value} is not a finite number")
+            for op, bound in f.metadata.get("bounds", DEFAULT_BOUNDS).items():
+                sign, ok = _OPS[op]
+                if not ok(value, bound):
+                    raise UserError(f"config key '{key}': {value} is out of range (must be {sign} {bound})")
 
 
 def config_to_dict(config: Any) -> dict:
@@ -163,7 +226,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             except yaml.YAMLError:
                 value = raw
             _set_dotted(data, key.strip(), value)
-    return from_dict(cls, data)
+    config = from_dict(cls, data)
+    check_ranges(config)
+    return config
 
 
 def _deep_update(target: dict, update: dict) -> None:

@@ -149,6 +149,31 @@ DEFAULT_THROUGHPUT: Mapping[str, Throughput] = {
 }
 
 
+#: JUMP cpg0016 compound images (issue 20's figures: 13.4 M TIFFs, one per channel of a five-channel site,
+#: i.e. 2.67 M sites of 1,080 x 1,080 px); what ``cpldm cost --headline`` prices the ingest of.
+CPG0016_COMPOUND_TIFFS = 13_400_000
+CPG0016_COMPOUND_SITES = 2_670_000
+JUMP_SITE_PX = 1080
+#: The generation headline: one million generated images.
+HEADLINE_GENERATED_IMAGES = 1_000_000
+
+
+def bottleneck(parts: list[Throughput], instance: InstancePrice) -> Throughput:
+    """Throughput of a pipeline whose ``parts`` run concurrently on one instance (e.g. CPU read+decode feeding
+    GPU encode): the slowest part's per-instance rate, with that part named as the source.
+
+    Example: read 10 sites/s per vCPU x 192 vCPUs = 1,920/s, encode 400/s per GPU x 8 = 3,200/s -> 1,920/s,
+    limited by the read.
+    """
+    if not parts:
+        raise UserError("a pipeline needs at least one throughput")
+    rates = [(p.per_instance(instance), p) for p in parts]
+    rate, slowest = min(rates, key=lambda r: r[0])
+    others = "; ".join(f"{p.stage} {r:,.4g}/s per instance ({p.source})" for r, p in rates if p is not slowest)
+    source = slowest.source + (f" -- the bottleneck; also: {others}" if others else "")
+    return Throughput(slowest.stage, rate, "instance", source)
+
+
 @dataclasses.dataclass(frozen=True)
 class StageCost:
     """Cost of one stage for ``items`` items. Money in US dollars; storage is for ``storage_months``."""

@@ -11,11 +11,12 @@ per-step noise) comes from its own ``torch.Generator`` seeded with ``seeds[i]``;
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from cpldm_core.configuration import LAKE_NAME, bounds
 from cpldm_core.errors import UserError
 
 #: Paper's schedule (METHOD.md): scaled-linear betas, 1000 steps, v-prediction.
@@ -213,28 +214,28 @@ class TrainConfig:
 
     model: str = "scm"                      # scm | scm-free
     unet_preset: str = "small"              # a UNET_PRESETS name
-    vae_id: str = ""                        # latents/<vae_id>/; "" = the only one in the lake
-    encoder_id: str = ""                    # embeddings partition; "" = the only one in the lake
+    vae_id: str = field(default="", metadata=LAKE_NAME)  # latents/<vae_id>/; "" = the only one in the lake
+    encoder_id: str = field(default="", metadata=LAKE_NAME)  # embeddings partition; "" = the only one in the lake
     compound_input: str = "pooled"          # pooled (embeddings table) | tokens (embeddings/<id>/tokens.zarr)
     compound_tokens: int = 4                # tokens a pooled vector is projected to
     schedule: ScheduleConfig = ScheduleConfig()
     max_steps: int = 300                    # optimiser steps; 0 = derive from ``epochs``
     epochs: float = 0.0                     # used when max_steps == 0 (paper: 30)
-    batch_size: int = 16                    # latents per worker per micro-batch
-    grad_accum: int = 1                     # micro-batches per optimiser step
-    lr: float = 5e-4
+    batch_size: int = field(default=16, metadata=bounds(ge=1))  # latents per worker per micro-batch
+    grad_accum: int = field(default=1, metadata=bounds(ge=1))  # micro-batches per optimiser step
+    lr: float = field(default=5e-4, metadata=bounds(gt=0))
     weight_decay: float = 0.01
     warmup_steps: int = 20
     grad_clip: float = 1.0                  # max gradient norm; 0 = off
-    ema_decay: float = 0.0                  # 0 = no EMA; the exported model is the EMA when enabled
-    cond_dropout: float = 0.1               # P(drop compound tokens): classifier-free guidance
-    confounder_dropout: float = 0.1         # P(null token) per confounder (scm): held-out-batch validation
-    checkpoint_every: int = 100             # steps between checkpoints (and history flushes)
+    ema_decay: float = field(default=0.0, metadata=bounds(ge=0, lt=1))  # 0 = no EMA; the exported model is the EMA when enabled
+    cond_dropout: float = field(default=0.1, metadata=bounds(ge=0, le=1))  # P(drop compound tokens): classifier-free guidance
+    confounder_dropout: float = field(default=0.1, metadata=bounds(ge=0, le=1))  # P(null token) per confounder (scm): held-out-batch validation
+    checkpoint_every: int = field(default=100, metadata=bounds(ge=1))  # steps between checkpoints (and history flushes)
     keep_checkpoints: int = 2
     val_every: int = 50                     # steps between validation passes (held-out batches); 0 = off
     val_max_rows: int = 256                 # validation latents (a deterministic subset of held-out rows)
     val_timesteps: int = 8                  # fixed, evenly spaced timesteps averaged in the validation loss
-    workers: int = 2
+    workers: int = field(default=2, metadata=bounds(ge=1))
     cpus_per_worker: float = 1.0            # Ray resources per worker; torch threads = max(1, int(this))
     data_cpus: float = 0.5                  # Ray CPUs per latent-reading task (must fit beside the workers)
     gpus_per_worker: float = 0.0
@@ -242,7 +243,7 @@ class TrainConfig:
     shuffle_buffer: int = 256               # per-worker local shuffle buffer (rows), on top of a global shuffle
     seed: int = 0
     max_failures: int = 2                   # Ray Train FailureConfig: worker-group restarts from the checkpoint
-    fail_at_step: int = -1                  # testing: one worker raises once at this step (first attempt only)
+    fail_at_step: int = field(default=-1, metadata=bounds(ge=-1))  # testing: one worker raises once at this step (first attempt only)
     audit_rows: bool = False                # write the latent rows each rank trained on (models/<run>/audit/)
 
     def __post_init__(self):

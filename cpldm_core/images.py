@@ -12,11 +12,12 @@ raw pixels are ``uint16`` grey levels; normalised pixels are ``float32`` in [-1,
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
 import numpy as np
 
+from cpldm_core.configuration import LAKE_NAME, bounds
 from cpldm_core.errors import UserError
 
 #: Largest uint16 grey level (TIFFs from the JUMP microscopes are 16-bit).
@@ -33,15 +34,22 @@ STATS_PIXELS_PER_SITE = 65536
 NORMALISATION_METHOD = "global-per-channel-robust-percentile"
 
 
+#: Largest decoded plane accepted by default (bytes): 64 MiB is a 5,792 x 5,792 uint16 plane, over 25x a JUMP
+#: 1080 x 1080 site and 6x a 2160 x 2160 Phenix one; a 0.8 MB zlib TIFF can otherwise ask for 1.5 GB.
+DEFAULT_MAX_PLANE_BYTES = 64 * 2**20
+
+
 class ImageError(ValueError):
     """A site's image data cannot be used (missing, corrupt, wrong shape or dtype). The message says why."""
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def decode_tiff(data: bytes, name: str = "") -> np.ndarray:
+def decode_tiff(data: bytes, name: str = "", max_bytes: int = DEFAULT_MAX_PLANE_BYTES) -> np.ndarray:
     """Decode one single-channel TIFF to a ``(H, W) uint16`` array.
 
-    Real JUMP TIFFs are LZW-compressed, which ``tifffile`` decodes through ``imagecodecs``.
+    Real JUMP TIFFs are LZW-compressed, which ``tifffile`` decodes through ``imagecodecs``. The shape and
+    dtype are checked from the TIFF header before any pixel is decoded: a plane of more than ``max_bytes``
+    decoded bytes, or of another dtype than uint16 (8-bit and float exports), is refused without decoding.
     Raises :class:`ImageError` naming ``name`` when the bytes are empty, truncated or not a 2-D uint16 image.
     """
     import tifffile
@@ -50,7 +58,17 @@ def decode_tiff(data: bytes, name: str = "") -> np.ndarray:
         raise ImageError(f"{name}: empty file")
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            series = tif.series[0]
+            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+            decoded = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if dtype != np.uint16:
+                raise ImageError(f"{name}: expected uint16 pixels, got {dtype}")
+            if decoded > max_bytes:
+                raise ImageError(f"{name}: the TIFF header asks for {decoded:,} bytes ({shape} {dtype}), over the "
+                                 f"{max_bytes:,}-byte limit (max_plane_bytes)")
             arr = tif.asarray()
+    except ImageError:
+        raise
     except Exception as exc:  # tifffile raises many types on corrupt/truncated input
         raise ImageError(f"{name}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     arr = np.squeeze(arr)
@@ -216,8 +234,8 @@ class IngestConfig:
     """``cpldm ingest``: TIFFs -> normalised crops -> channel-group VAE latents in Zarr.
 
     Attributes:
-        vae: a VAE fitted into this lake (``vae/<vae>/``, e.g. ``fitted-small``), a local diffusers
-            directory, or a model id (``stabilityai/sdxl-vae``) for ``AutoencoderKL.from_pretrained``.
+        vae: a VAE in this lake (``vae/<vae>/``, e.g. ``fitted-small``), a local diffusers directory, or a
+            model-hub id (``stabilityai/sdxl-vae``, the only form that is downloaded); empty -> the lake's only VAE.
         vae_subfolder: subfolder for ``from_pretrained`` (``vae`` for a full SDXL pipeline repo).
         vae_id: name of the latent cache (``latents/<vae_id>/``); empty -> derived from ``vae``.
         channel_groups: two 3-channel groups (indices into CHANNELS) sharing one channel; latents are
@@ -231,28 +249,31 @@ class IngestConfig:
         rows_per_shard: latent rows per Zarr shard (a plate's block is a whole number of shards).
         read_concurrency / num_cpus_read / encode_concurrency / num_gpus / num_cpus_encode / batch_size: Ray resources.
         seed: sampling seed (stats sample).
+        max_plane_bytes: largest decoded TIFF plane accepted (bytes, read from the header before decoding);
+            larger sites are rejected.
     """
 
-    vae: str = "fitted-small"
+    vae: str = ""
     vae_subfolder: str | None = None
-    vae_id: str = ""
+    vae_id: str = field(default="", metadata=LAKE_NAME)
     channel_groups: tuple[tuple[int, ...], ...] = ((0, 1, 2), (2, 3, 4))
     subset: Literal["train", "all"] = "train"
     crop_mode: Literal["centre", "tile"] = "centre"
-    crop_size: int = 384
-    tile_grid: int = 2
+    crop_size: int = field(default=384, metadata=bounds(ge=8))
+    tile_grid: int = field(default=2, metadata=bounds(ge=1))
     illumination: Literal["auto", "off"] = "auto"
-    low_percentile: float = DEFAULT_LOW_PERCENTILE
-    high_percentile: float = DEFAULT_HIGH_PERCENTILE
-    stats_sites: int = 64
-    rows_per_shard: int = 256
-    read_concurrency: int = 1
+    low_percentile: float = field(default=DEFAULT_LOW_PERCENTILE, metadata=bounds(ge=0, le=100))
+    high_percentile: float = field(default=DEFAULT_HIGH_PERCENTILE, metadata=bounds(ge=0, le=100))
+    stats_sites: int = field(default=64, metadata=bounds(ge=1))
+    rows_per_shard: int = field(default=256, metadata=bounds(ge=1))
+    read_concurrency: int = field(default=1, metadata=bounds(ge=1))
     num_cpus_read: float = 0.5
-    encode_concurrency: int = 1
+    encode_concurrency: int = field(default=1, metadata=bounds(ge=1))
     num_gpus: float = 0.0
     num_cpus_encode: float = 1.0
     batch_size: int = 16
     seed: int = 0
+    max_plane_bytes: int = field(default=DEFAULT_MAX_PLANE_BYTES, metadata=bounds(ge=1))
 
     def __post_init__(self):
         if self.crop_size % 8:
@@ -263,10 +284,11 @@ class IngestConfig:
 
 INGEST_PRESETS: dict[str, IngestConfig] = {
     # CI: seconds on 2 cores
-    "tiny": IngestConfig(vae="fitted-tiny", crop_size=64, stats_sites=16, rows_per_shard=16, batch_size=8),
+    # tiny and demo name no VAE: they use the lake's only one (what `cpldm fit-vae` made, whatever its preset)
+    "tiny": IngestConfig(crop_size=64, stats_sites=16, rows_per_shard=16, batch_size=8),
     # embedded default (cpldm demo): simulated lake, small fitted VAE. 64 px crops because the demo generates
     # ~5,000 images on 2 CPU cores: decoding is ~70 ms per 64 px image there and 4x that at 128 px
-    "demo": IngestConfig(vae="fitted-small", crop_size=64, stats_sites=64, rows_per_shard=64, batch_size=16),
+    "demo": IngestConfig(crop_size=64, stats_sites=64, rows_per_shard=64, batch_size=16),
     # the paper's setting: 384 px centre crops through the SDXL VAE on GPUs
     "paper": IngestConfig(vae="stabilityai/sdxl-vae", vae_id="sdxl-vae", crop_size=384, stats_sites=512,
                           rows_per_shard=256, batch_size=32, num_gpus=1.0, encode_concurrency=4,

@@ -58,9 +58,18 @@ def _read_bytes(lake, path: str) -> bytes:
 
 
 def parse_file(lake, path: str) -> tuple[pd.DataFrame, list[tuple[str, str]], int]:
-    """Ray task body: one load_data file -> (sites, rejects, rows read)."""
-    df = ld.read_table_bytes(_read_bytes(lake, path), path)
-    sites, rejects = ld.parse_load_data(df, path, ld.defaults_from_path(path))
+    """Ray task body: one load_data file -> (sites, rejects, rows read).
+
+    A file that cannot be parsed (random bytes, a row with extra fields, no ``URL_Orig*`` column) is one
+    reject whose item is the file itself, with 0 rows read: the other files are still catalogued. Storage
+    failures (endpoint unreachable, access denied) are not the file's fault and stop the stage.
+    """
+    data = _read_bytes(lake, path)
+    try:
+        df = ld.read_table_bytes(data, path)
+        sites, rejects = ld.parse_load_data(df, path, ld.defaults_from_path(path))
+    except UserError as exc:
+        return pd.DataFrame(), [(path, f"load_data file rejected: {str(exc).splitlines()[0]}")], 0
     return sites, rejects, len(df)
 
 
@@ -107,12 +116,19 @@ def run(lake, config: ld.CatalogConfig, load_data: list[str] | None = None) -> d
     log.info("catalog: parsing %d load_data file(s)", len(files))
     task = ray.remote(parse_file).options(num_cpus=0.5)
     results = ray.get([task.remote(lake, f) for f in files])
-    parts, rejects, n_rows = [], [], 0
+    parts, rejects, n_rows, bad_files = [], [], 0, 0
     for path, (sites, rej, n) in zip(files, results):
-        parts.append(sites)
+        if len(sites):
+            parts.append(sites)
+        bad_files += int(n == 0 and len(rej) == 1 and rej[0][0] == path)
         rejects += [(path, item, reason) for item, reason in rej]
         n_rows += n
-    sites = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if bad_files:
+        log.warning("catalog: %d load_data file(s) rejected as a whole (see rejects, stage=catalog)", bad_files)
+    if not parts:
+        raise UserError(f"catalog: none of the {len(files)} load_data file(s) has a usable row; first rejects: "
+                        + "; ".join(f"{i}: {r}" for _, i, r in rejects[:3]))
+    sites = pd.concat(parts, ignore_index=True)
     if config.sources and len(sites):
         keep = sites["Metadata_Source"].isin(config.sources)
         rejects += [(STAGE, k, "source not selected (config.sources)") for k in sites.loc[~keep, "Metadata_SiteKey"]]
@@ -145,7 +161,8 @@ def run(lake, config: ld.CatalogConfig, load_data: list[str] | None = None) -> d
                        schema=pa.schema([("unit", pa.string()), ("item", pa.string()), ("reason", pa.string())]))
     lake.write_named("rejects", rej_tbl, config=config, part=STAGE, partition={"stage": STAGE})
     summary = {
-        "load_data_files": len(files), "rows": n_rows, "sites": len(sites), "rejected": len(rejects),
+        "load_data_files": len(files), "load_data_files_rejected": bad_files, "rows": n_rows, "sites": len(sites),
+        "rejected": len(rejects),
         "compounds": len(compounds), "unseen_compounds": int((split_c["Metadata_CompoundSplit"] == "unseen").sum()),
         "batches": len(split_b), "heldout_batches": int((split_b["Metadata_BatchSplit"] == "heldout").sum()),
         "plates": int(sites[["Metadata_Source", "Metadata_Batch", "Metadata_Plate"]].drop_duplicates().shape[0]),

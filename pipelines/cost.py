@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -107,23 +108,42 @@ def throughputs_from_rows(rows: list[dict], source: str, want_gpu: bool | dict[s
         if per in ("", "instance"):  # the measuring machine as a whole -> per GPU / per vCPU
             per = "gpu" if on_gpu else "vcpu"
             value /= _gpu_count(r.get("gpu", "")) if on_gpu else max(int(r.get("cpu_count") or 1), 1)
-        tp = cm.Throughput(stage, value, per,
-                           f"measured: {source} '{r.get('benchmark')} / {r.get('metric')}' on "
-                           f"{r.get('device', 'cpu')} [{r.get('machine', '?')}, {r.get('run_date', '?')}]")
+        tp = cm.Throughput(stage, value, per, f"measured: {_where(r, source)}")
         rank = (explicit, value)
         candidates.setdefault(stage, []).append((rank, tp))
     return {stage: max(cands, key=lambda c: c[0])[1] for stage, cands in candidates.items()}
 
 
-def read_results_parquet(paths: list[Path], want_gpu: bool | dict[str, bool]) -> dict[str, cm.Throughput]:
-    """Throughputs from benchmark Parquet files (``benchmarks/results/<stage>.parquet``)."""
+def _where(r: dict, source: str = "") -> str:
+    """Where a figure comes from: file and row, benchmark / metric, device, machine and date."""
+    at = f"{r['_file']} row {r['_row']}" if "_file" in r else source
+    return (f"{at} '{r.get('benchmark')} / {r.get('metric')}' = {float(r['value']):,.4g} {r.get('unit', '')} on "
+            f"{r.get('device', 'cpu')} [{r.get('machine', '?')}, {r.get('run_date', '?')}]")
+
+
+def _display(path: Path) -> str:
+    """``benchmarks/results/gpu.parquet`` for a file in this checkout, else the path as given."""
+    try:
+        return str(Path(path).resolve().relative_to(DEFAULT_RESULTS_DIR.parents[1]))
+    except ValueError:
+        return str(path)
+
+
+def read_result_rows(paths: list[Path]) -> list[dict]:
+    """Rows of benchmark Parquet files, each tagged with its file (``_file``) and 0-based row (``_row``)."""
     import pyarrow.parquet as pq
 
     rows = []
     for path in paths:
-        for r in pq.read_table(path).to_pylist():
+        for i, r in enumerate(pq.read_table(path).to_pylist()):
             r.setdefault("stage", path.stem)
-            rows.append(r)
+            rows.append({**r, "_file": _display(path), "_row": i})
+    return rows
+
+
+def read_results_parquet(paths: list[Path], want_gpu: bool | dict[str, bool]) -> dict[str, cm.Throughput]:
+    """Throughputs from benchmark Parquet files (``benchmarks/results/<stage>.parquet``)."""
+    rows = read_result_rows(paths)
     return throughputs_from_rows(rows, "benchmarks/results", want_gpu) if rows else {}
 
 
@@ -146,6 +166,98 @@ def gather_throughputs(items: list[str], results_dir: Path | None, want_gpu: boo
         else:
             raise UserError(f"--throughput {item!r} is neither stage=value nor an existing CSV/Parquet file")
     return chosen
+
+
+# ---------------------------------------------------------------- headline estimates
+#: bench_ingest's single-process read + decode + normalise of sites (5 LZW TIFFs each): the CPU side of ingest.
+READ_BENCHMARK, READ_METRIC = "read+decode+normalise local", "plain loop"
+_SITE_PX = re.compile(r"5x(\d+)x(\d+)")
+
+MEASURED_GPU = "measured on GPU"
+MEASURED_CPU = "measured on CPU"
+FALLBACK_CPU = "FALLBACK: CPU-measured, small networks (no GPU figure)"
+FALLBACK_DEFAULT = "FALLBACK: documented default, NOT measured (run benchmarks/gpu_check.sh on a GPU)"
+
+
+def read_throughput(rows: list[dict]) -> cm.Throughput | None:
+    """CPU read+decode+normalise sites/s per vCPU at JUMP's 1,080 px sites, or None when not measured.
+
+    From bench_ingest's plain loop (one process, i.e. one vCPU), scaled by pixel count to 1,080 px sites
+    (LZW decode and normalisation are linear in pixels), so the same figure bounds ingest on any instance.
+    """
+    for r in rows:
+        if (r.get("status", "ok") == "ok" and r.get("stage") == "ingest" and r.get("benchmark") == READ_BENCHMARK
+                and r.get("metric") == READ_METRIC and (r.get("value") or 0) > 0):
+            m = _SITE_PX.search(r.get("notes") or "")
+            if m:
+                scale = int(m.group(1)) * int(m.group(2)) / cm.JUMP_SITE_PX ** 2
+                return cm.Throughput("ingest", float(r["value"]) * scale, "vcpu",
+                                     f"measured: {_where(r)}, x {scale:.3g} for {cm.JUMP_SITE_PX} px sites "
+                                     "(pixel count; one process = one vCPU)")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Headline:
+    """One headline estimate: what, its cost, and how solid the figure under it is (``basis``)."""
+
+    estimate: str
+    cost: cm.StageCost
+    basis: str
+
+
+def headline(results_dir: Path | None = DEFAULT_RESULTS_DIR, *, gpu_instance: str = "p5.48xlarge",
+             cpu_instance: str = "c7i.48xlarge", prices: str | Path | None = None, spot: bool = False,
+             spot_discount: float | None = None, storage_months: float = 1.0) -> list[Headline]:
+    """The cost of 1,000,000 generated images and of ingesting cpg0016's compound images (2.67 M sites), each
+    on ``gpu_instance`` (GPU figures from gpu_check, else the documented defaults, flagged) and on
+    ``cpu_instance`` (CPU-measured figures, flagged as a fallback for the paper's GPU setting).
+
+    Ingest on the GPU instance is the slower of the GPU encode and the CPU read+decode+normalise of the same
+    instance's vCPUs (:func:`cpldm_core.cost.bottleneck`), so a fast GPU figure cannot hide a CPU-bound read.
+    """
+    table = cm.load_prices(prices)
+    gpu, cpu = table.get(gpu_instance), table.get(cpu_instance)
+    if gpu.gpus <= 0:
+        raise UserError(f"--instance {gpu_instance} has no GPU; the headline prices a GPU instance and "
+                        f"--cpu-instance {cpu_instance}")
+    paths = sorted(results_dir.glob("*.parquet")) if results_dir is not None and results_dir.is_dir() else []
+    rows = read_result_rows(paths)
+    on_gpu = throughputs_from_rows(rows, "benchmarks/results", want_gpu=True)
+    on_cpu = throughputs_from_rows(rows, "benchmarks/results", want_gpu=False)
+    read = read_throughput(rows)
+    kw = dict(spot=spot, spot_discount=spot_discount, storage_months=storage_months)
+    out = []
+    scenarios = (("generate", cm.HEADLINE_GENERATED_IMAGES, f"{cm.HEADLINE_GENERATED_IMAGES:,} generated images"),
+                 ("ingest", cm.CPG0016_COMPOUND_SITES,
+                  f"ingest of cpg0016 compound images ({cm.CPG0016_COMPOUND_TIFFS / 1e6:.1f} M TIFFs = "
+                  f"{cm.CPG0016_COMPOUND_SITES / 1e6:.2f} M sites)"))
+    for stage, items, what in scenarios:
+        measured = stage in on_gpu
+        tp = on_gpu.get(stage, cm.DEFAULT_THROUGHPUT[stage])
+        if stage == "ingest" and read is not None:
+            tp = cm.bottleneck([tp, read], gpu)
+        out.append(Headline(what, cm.stage_cost(stage, items, tp, gpu, **kw),
+                            MEASURED_GPU if measured else FALLBACK_DEFAULT))
+        if stage in on_cpu:
+            out.append(Headline(what, cm.stage_cost(stage, items, on_cpu[stage], cpu, **kw),
+                                MEASURED_CPU if measured else FALLBACK_CPU))
+    return out
+
+
+def format_headline(items: list[Headline], spot: bool, storage_months: float) -> str:
+    """Markdown table of the headline estimates, then the figure each rests on."""
+    lines = [f"Headline estimates ({'spot' if spot else 'on-demand'}; compute + S3 requests + "
+             f"{storage_months:g} month(s) of storage)", "",
+             "| estimate | instance | items | items/s per instance | instance-hours | compute $ | total $ | basis |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for h in items:
+        c = h.cost
+        lines.append(f"| {h.estimate} | {c.instance} | {c.items:,.0f} | {_num(c.items_per_s_per_instance)} | "
+                     f"{c.instance_hours:,.1f} | {c.compute_usd:,.0f} | {c.total_usd:,.0f} | {h.basis} |")
+    lines += ["", "Figures they rest on (file, row, machine, date):"]
+    lines += [f"- {h.estimate} on {h.cost.instance}: {h.cost.throughput_source}" for h in items]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- entry points
@@ -205,6 +317,16 @@ def _cmd_cost(args: argparse.Namespace) -> int:
             raise UserError(f"--stage-instance expects stage=instance, got {item!r}")
         stage_instance[stage.strip()] = inst.strip()
     results_dir = None if args.no_measured else args.results_dir
+    if args.headline:
+        items = headline(results_dir, gpu_instance=args.instance, cpu_instance=args.cpu_instance,
+                         prices=args.prices, spot=args.spot, spot_discount=args.spot_discount,
+                         storage_months=args.storage_months)
+        if args.format == "json":
+            print(json.dumps([{"estimate": h.estimate, "basis": h.basis, **h.cost.__dict__,
+                               "total_usd": h.cost.total_usd} for h in items], indent=2))
+        else:
+            print(format_headline(items, args.spot, args.storage_months))
+        return 0
     costs, table = estimate(args.images, args.instance, spot=args.spot, spot_discount=args.spot_discount,
                             throughput=args.throughput, prices=args.prices, stage_instance=stage_instance,
                             stages=tuple(args.stages), train_epochs=args.train_epochs,
@@ -243,5 +365,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stages", nargs="+", default=list(cm.STAGES), choices=cm.STAGES)
     p.add_argument("--train-epochs", type=float, default=1.0, help="training samples = images x epochs")
     p.add_argument("--storage-months", type=float, default=1.0, help="months of S3 storage to price")
+    p.add_argument("--headline", action="store_true",
+                   help="only the headline estimates: 1,000,000 generated images and the ingest of cpg0016's "
+                        "compound images (2.67 M sites), on --instance (GPU) and --cpu-instance")
+    p.add_argument("--cpu-instance", default="c7i.48xlarge",
+                   help="CPU instance of the --headline estimates (default c7i.48xlarge)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=_cmd_cost)

@@ -25,13 +25,14 @@ import pyarrow as pa
 
 from cpldm_core.configuration import config_to_dict
 from cpldm_core.errors import UserError
-from cpldm_core.evaluation import causal, copairs_metrics, crossval, report
-from cpldm_core.evaluation.config import PRESETS, EvaluateConfig
-from cpldm_core.evaluation.feature_select import drop_and_clip_outliers, select_features
-from cpldm_core.evaluation.harmony import batch_silhouette, harmony_correct
-from cpldm_core.evaluation.labels import LabelSet, hub_annotations, moa_labels, target_labels
-from cpldm_core.evaluation.normalize import robust_mad_normalize, variant_features
-from cpldm_core.evaluation.statistics import compare_data_types
+from cpldm_core.evaluation import crossval, recipe, report
+from cpldm_core.evaluation.config import PAPER_MIN_COMPOUNDS, PRESETS, EvaluateConfig
+from cpldm_core.evaluation.labels import LabelSet, hub_annotations, moa_labels, target_labels, threshold_report
+from cpldm_core.evaluation.recipe import DOSE, TruthReference
+from cpldm_core.evaluation.statistics import compare_data_types, paired_and_verdicts
+from cpldm_core.evaluation.baselines import nearest_seen_neighbours
+from cpldm_core.evaluation.truth import TRUTH_DATASET
+from pipelines.profile_import import dataset_is_imported, dataset_is_normalized
 from pipelines.storage import Lake
 from storage_schemas.columns import DMSO_JCP2022, FEATURE_COLUMNS
 
@@ -41,8 +42,14 @@ STAGE = "evaluate"
 COMPOUND = "Metadata_JCP2022"
 REAL = "real"
 HARMONY = "real-harmony"
+#: real profiles averaged over every well, training batches included (the seen-query rule off).
+REAL_ALL = "real-allwells"
+#: baseline: each compound takes the real profile of its nearest seen neighbour by Tanimoto.
+CHEM_NN = "chemistry-nn"
 #: generation model kind -> data type prefix (METHOD.md: SCM-conditioned = confounder-aware).
 KIND_NAMES = {"scm": "c-aware", "scm-free": "non-c-aware"}
+#: simulator-as-generator runs (``cpldm generate --oracle``) -> data type prefix.
+ORACLE_NAMES = {"c-aware": "oracle-c-aware", "scm-free": "oracle-scm-free"}
 META_COLUMNS = ("Metadata_Source", "Metadata_Batch", "Metadata_Plate", "Metadata_Well", COMPOUND,
                 "Metadata_pert_type")
 TASKS = ("moa", "target")
@@ -71,12 +78,20 @@ def _find(obj, keys: tuple[str, ...]):
 
 
 def synthetic_data_type(lake: Lake, gen_run: str) -> str:
-    """Data type name of a generation run: ``c-aware-N10`` (scm) / ``non-c-aware-N10`` (scm-free)."""
+    """Data type name of a generation run: ``c-aware-N10`` (scm) / ``non-c-aware-N10`` (scm-free), with
+    ``-g<scale>`` when sampled with classifier-free guidance != 1; ``oracle-c-aware-N10`` / ``oracle-scm-free-N10``
+    for the simulator used as the generator."""
     kind, draws = None, None
     rel = f"synthetic/{gen_run}/config.json"
     if lake.exists(rel):
         cfg = lake.read_json(rel)
-        kind, draws = _find(cfg, ("model_kind", "kind")), _find(cfg, ("draws", "n_draws"))
+        oracle, draws = _find(cfg, ("oracle",)), _find(cfg, ("draws", "n_draws"))
+        if oracle:
+            if oracle not in ORACLE_NAMES or draws is None:
+                raise UserError(f"{lake.uri_of(rel)}: oracle {oracle!r} (one of {', '.join(ORACLE_NAMES)}) "
+                                f"with draws {draws!r}")
+            return f"{ORACLE_NAMES[oracle]}-N{int(draws)}"
+        kind = _find(cfg, ("model_kind", "kind"))
     if kind is None or draws is None:  # fall back on the conventional run name "<kind>-N<draws>"
         match = re.fullmatch(r"(scm-free|scm)(?:-.*)?-N(\d+)", gen_run)
         if not match:
@@ -85,20 +100,35 @@ def synthetic_data_type(lake: Lake, gen_run: str) -> str:
         kind, draws = kind or match.group(1), draws or int(match.group(2))
     if kind not in KIND_NAMES:
         raise UserError(f"{lake.uri_of(rel)}: model kind {kind!r} is not one of {', '.join(KIND_NAMES)}")
-    return f"{KIND_NAMES[kind]}-N{int(draws)}"
+    guidance = _find(cfg, ("guidance_scale",)) if lake.exists(rel) else None
+    # classifier-free guidance != 1 is another arm: c-aware-N10-g2 (its counterpart non-c-aware-N10-g2)
+    suffix = f"-g{float(guidance):g}" if guidance is not None and float(guidance) != 1.0 else ""
+    return f"{KIND_NAMES[kind]}-N{int(draws)}{suffix}"
 
 
-def discover(lake: Lake, cfg: EvaluateConfig) -> dict[str, str]:
-    """``{data_type: features dataset}`` for every data type found (restricted to ``cfg.data_types``)."""
+def discover(lake: Lake, cfg: EvaluateConfig, heldout: bool = False, fingerprints: bool = False
+             ) -> dict[str, str]:
+    """``{data_type: features dataset}`` for every data type found (restricted to ``cfg.data_types``).
+
+    ``real`` gives real, real-harmony, real-allwells (when ``heldout``: the catalog holds out batches) and
+    chemistry-nn (when ``fingerprints``: the lake has Morgan bits); the ``truth`` dataset gives none."""
     root = "features/well"
     datasets = sorted(p.rsplit("dataset=", 1)[1] for p in lake.ls(root) if "dataset=" in p)
     if not datasets:
         raise UserError(f"no features_well tables under {lake.uri_of(root)}; run `cpldm profile` first")
     found: dict[str, str] = {}
     for ds in datasets:
+        if ds == TRUTH_DATASET:   # the interventional truth is the yardstick, never a data type
+            continue
         if ds == REAL:
             found[REAL] = REAL
             found[HARMONY] = REAL
+            if heldout:
+                found[REAL_ALL] = REAL
+            if fingerprints:
+                found[CHEM_NN] = REAL
+        elif dataset_is_imported(lake, ds):   # `cpldm profile import`: one data type named like the dataset
+            found[ds] = ds
         else:
             name = synthetic_data_type(lake, ds)
             if name in found:
@@ -134,6 +164,9 @@ def read_wells(con, dataset: str) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     if not names:
         raise UserError(f"features_well dataset={dataset} has no feature columns")
     meta_cols = ", ".join(f'CAST("{c}" AS VARCHAR) AS "{c}"' for c in META_COLUMNS)
+    columns = set(con.execute("SELECT * FROM features_well WHERE dataset = ? LIMIT 0", [dataset]).df().columns)
+    extra = [DOSE] if DOSE in columns else []   # imported profiles with a dose: treatments = compound x dose
+    meta_cols += "".join(f', CAST("{c}" AS DOUBLE) AS "{c}"' for c in extra)
     feats = ", ".join(f'CAST("{c}" AS FLOAT) AS "{c}"' for c in names)
     table = con.execute(
         f"SELECT {meta_cols}, {feats} FROM features_well WHERE dataset = ? "
@@ -141,7 +174,7 @@ def read_wells(con, dataset: str) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
         [dataset]).arrow()
     if hasattr(table, "read_all"):
         table = table.read_all()
-    meta = table.select(list(META_COLUMNS)).to_pandas()
+    meta = table.select([*META_COLUMNS, *extra]).to_pandas()
     values = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in names]).astype(
         np.float32, copy=False) if len(table) else np.zeros((0, len(names)), np.float32)
     return meta, values, names
@@ -186,8 +219,17 @@ def load_labels(lake: Lake, cfg: EvaluateConfig, views: set[str], annotations: s
         if "compounds" not in views:
             raise UserError("--annotations needs the `compounds` table (JCP2022 -> InChIKey); run `cpldm catalog`")
         compounds = lake.read_named("compounds").to_pandas()
+        if cfg.annotation_key:   # the key column holds compound ids: join it like an InChIKey, on the ids
+            if cfg.annotation_key not in table.columns:
+                raise UserError(f"--annotation-key {cfg.annotation_key}: no such column in {path}; columns are "
+                                f"{list(table.columns)[:12]}")
+            from cpldm_core.evaluation.labels import INCHIKEY_COLUMNS
+            table = table.drop(columns=[c for c in INCHIKEY_COLUMNS if c in table.columns])
+            table = table.rename(columns={cfg.annotation_key: "InChIKey"})
+            compounds = compounds.assign(Metadata_InChIKey=compounds[COMPOUND])
         try:
-            return hub_annotations(table, compounds, source=str(path), prefix14=cfg.inchikey_prefix14)
+            return hub_annotations(table, compounds, source=str(path),
+                                   prefix14=cfg.inchikey_prefix14 and not cfg.annotation_key)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     frames = []
@@ -215,12 +257,40 @@ def load_split(lake: Lake, views: set[str]) -> pd.Series | None:
     return frame.set_index(COMPOUND)["Metadata_CompoundSplit"].astype(str)
 
 
-def load_truth(lake: Lake, views: set[str]) -> pd.DataFrame | None:
-    if "truth_compounds" not in views:
+def load_heldout_batches(lake: Lake, views: set[str]) -> set[str]:
+    """Metadata_Batch values the catalog held out of training (``split_batches`` == heldout); empty without."""
+    if "split_batches" not in views:
+        return set()
+    frame = lake.read_named("split_batches").to_pandas()
+    return set(frame.loc[frame["Metadata_BatchSplit"].astype(str) == "heldout", "Metadata_Batch"].astype(str))
+
+
+def load_fingerprints(lake: Lake, views: set[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(compound ids, (n, D) bool Morgan bits) of the lake's first Morgan bit encoder, or None."""
+    if "embeddings" not in views:
         return None
-    frame = lake.read_named("truth_compounds").to_pandas()
-    cols = causal.truth_columns(frame)
-    return frame.set_index(COMPOUND)[cols] if len(cols) >= 2 else None
+    table = lake.read_named("embeddings", columns=["encoder", COMPOUND, "embedding"]).to_pandas()
+    encoders = sorted(e for e in table["encoder"].astype(str).unique()
+                      if e.startswith("morgan") and not e.endswith("-counts"))
+    if not encoders:
+        return None
+    sub = table[table["encoder"].astype(str) == encoders[0]].drop_duplicates(COMPOUND)
+    bits = np.stack([np.asarray(v) > 0 for v in sub["embedding"]]) if len(sub) else np.zeros((0, 1), bool)
+    return sub[COMPOUND].astype(str).to_numpy(dtype=object), bits
+
+
+def load_truth(lake: Lake, cfg: EvaluateConfig) -> TruthReference | None:
+    """Truth profiles of the ``truth`` features dataset (same recipe as every data type), or None."""
+    if not lake.exists(f"features/well/dataset={TRUTH_DATASET}"):
+        return None
+    con, _ = _connect(lake)
+    try:
+        meta, values, names = read_wells(con, TRUTH_DATASET)
+    finally:
+        con.close()
+    truth = recipe.truth_reference(meta, values, names, cfg)
+    log.info("truth: %d compounds on %d common features", len(truth.compounds), len(truth.features))
+    return truth
 
 
 def build_label_sets(ann: pd.DataFrame, profiled: list[str], split: pd.Series | None, cfg: EvaluateConfig
@@ -234,6 +304,9 @@ def build_label_sets(ann: pd.DataFrame, profiled: list[str], split: pd.Series | 
             excluded.append(pd.DataFrame({COMPOUND: missing, "task": task, "reason": "not in split_compounds"}))
     moa, moa_excl = moa_labels(ann[[COMPOUND, "Metadata_moa"]], usable, cfg.min_compounds_moa)
     tgt, tgt_excl = target_labels(ann[[COMPOUND, "Metadata_target"]], usable, cfg.min_compounds_target)
+    for task, minimum in (("moa", cfg.min_compounds_moa), ("target", cfg.min_compounds_target)):
+        message, warn = threshold_report(ann, usable, task, minimum, PAPER_MIN_COMPOUNDS)
+        (log.warning if warn else log.info)("labels %s", message)
     excl = pd.concat([*excluded, moa_excl, tgt_excl], ignore_index=True)
     return {"moa": moa, "target": tgt}, excl
 
@@ -249,120 +322,51 @@ def _arrow(frame: pd.DataFrame, table_name: str) -> pa.Table:
                     schema=pa.schema(fields))
 
 
+def _profile_table(meta: pd.DataFrame, values: np.ndarray, features: list[str]) -> pa.Table:
+    """Well metadata + float32 feature columns (a ``profiles_normalized`` / ``profiles_featselect`` part)."""
+    cols = {c: pa.array(meta[c].astype(object).where(meta[c].notna(), None).to_numpy(), pa.string())
+            for c in META_COLUMNS}
+    cols.update({f: pa.array(values[:, j], pa.float32()) for j, f in enumerate(features)})
+    return pa.table(cols)
+
+
 def evaluate_data_type(lake: Lake, cfg: EvaluateConfig, data_type: str, dataset: str,
                        label_sets: dict[str, LabelSet], ann: pd.DataFrame, split: pd.Series | None,
-                       truth: pd.DataFrame | None) -> dict:
-    """One unit: profiles of ``data_type`` -> metrics; writes its parts and commits. Returns counts."""
+                       truth: TruthReference | None, heldout: set | None = None,
+                       neighbours: dict[str, str] | None = None) -> dict:
+    """One unit: read the wells of ``dataset``, run the core recipe (:func:`recipe.evaluate_wells`), write its
+    parts and commit. ``heldout``: held-out batches (seen compounds of real/real-harmony are profiled on them
+    only); ``neighbours``: compound -> nearest seen compound (chemistry-nn). Returns counts."""
     t0 = time.time()
     con, _ = _connect(lake)
     try:
         meta, values, names = read_wells(con, dataset)
-        is_control = ((meta[COMPOUND] == DMSO_JCP2022) | (meta["Metadata_pert_type"] == "negcon")).to_numpy()
-        values[~np.isfinite(values)] = np.nan
-        plates = meta["Metadata_Plate"].fillna("NA").to_numpy()
-        if cfg.variant_features:
-            variant = variant_features(values, plates, is_control, cfg.min_abs_coef_var)
-            values, names = values[:, variant], [n for n, v in zip(names, variant) if v]
-            log.info("%s: %d features vary among the DMSO rows of every plate/run (%d constant dropped)",
-                     data_type, len(names), int((~variant).sum()))
-        values, no_ctrl = robust_mad_normalize(values, plates, is_control, cfg.mad_epsilon)
-        if no_ctrl:
-            log.warning("%s: %d plate(s)/run(s) without DMSO rows normalised against all their rows: %s",
-                        data_type, len(no_ctrl), no_ctrl[:5])
-        values[~np.isfinite(values)] = np.nan
-        if cfg.outlier_threshold > 0:
-            bounded, values = drop_and_clip_outliers(values, cfg.outlier_threshold)
-            values, names = values[:, bounded], [n for n, b in zip(names, bounded) if b]
-        kept = select_features(values, names, cfg.feature_ops, cfg.na_cutoff, cfg.corr_threshold,
-                               cfg.min_variance, cfg.feature_select_max_rows)
-        if len(kept) < 2:
-            raise UserError(f"{data_type}: only {len(kept)} feature(s) survive feature selection")
-        idx = [names.index(k) for k in kept]
-        values = np.nan_to_num(values[:, idx], nan=0.0)  # 0 = the DMSO median after normalisation
-        silhouette_before = batch_silhouette(values, meta["Metadata_Batch"].fillna("NA"), seed=cfg.seed)
-        if data_type == HARMONY:
-            values = harmony_correct(values, meta, cfg.harmony_batch_key, cfg.harmony_max_iter, cfg.seed,
-                                     cfg.harmony_sigma)
-        silhouette = batch_silhouette(values, meta["Metadata_Batch"].fillna("NA"), seed=cfg.seed)
-        compounds, profiles = treatment_profiles(con, meta, values, kept, ~is_control)
+
+        def aggregate(ids, vals, keep):
+            frame_meta = pd.DataFrame({COMPOUND: ids})
+            return treatment_profiles(con, frame_meta, vals, [f"f{i}" for i in range(vals.shape[1])], keep)
+
+        is_control = recipe.control_rows(meta)
+        profile_rows, fallback = None, 0
+        if data_type in (REAL, HARMONY) and heldout:
+            profile_rows, fallback = recipe.heldout_profile_rows(meta, split, heldout, is_control)
+            log.info("%s: seen compounds profiled on %d held-out batch(es); %d seen compound(s) without a "
+                     "held-out well keep all their wells", data_type, len(heldout), fallback)
+        moa_of = ann.set_index(COMPOUND)["Metadata_moa"] if "Metadata_moa" in ann else None
+        out = recipe.evaluate_wells(meta, values, names, label_sets, cfg, data_type=data_type, split=split,
+                                    moa_of=moa_of, harmony=data_type == HARMONY, profile_rows=profile_rows,
+                                    substitute=neighbours if data_type == CHEM_NN else None, truth=truth,
+                                    aggregate=aggregate, already_normalized=dataset_is_normalized(lake, dataset))
     finally:
         con.close()
-    position = {c: i for i, c in enumerate(compounds)}
-    split_of = (lambda ids: split.reindex(ids).fillna("unseen").to_numpy()) if split is not None else \
-        (lambda ids: np.full(len(ids), "seen", dtype=object))
-    rows = []
-    for task, labels in label_sets.items():
-        if len(labels.labels) == 0:
-            log.warning("%s %s: no label has enough compounds; skipped", data_type, task)
-            continue
-        rows_idx = np.array([position[c] for c in labels.compounds])
-        res = crossval.cross_validate(profiles[rows_idx], labels, split_of(labels.compounds), cfg.n_folds,
-                                      cfg.n_references, cfg.sign_consistency, cfg.seed, cfg.reference_pool,
-                                      cfg.score_chunk)
-        rows.append(res.assign(task=task))
-    results = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=crossval.RESULT_COLUMNS + ["task"])
-    extra = [{"task": "batch", "query_split": "all", "fold": -1, "metric": "batch-silhouette",
-              "value": silhouette, "n_queries": len(values)},
-             {"task": "batch", "query_split": "all", "fold": -1, "metric": "batch-silhouette-before-correction",
-              "value": silhouette_before, "n_queries": len(values)}]
-    moa_of = ann.set_index(COMPOUND)["Metadata_moa"] if "Metadata_moa" in ann else pd.Series(dtype=str)
-    moa_of = moa_of[~moa_of.index.duplicated()]
-
-    copairs_frames = []
-    if cfg.copairs:
-        act = copairs_metrics.phenotypic_activity(values, meta[COMPOUND].to_numpy(), is_control,
-                                                  cfg.copairs_null_size, cfg.seed)
-        act = act.assign(query_split=split_of(act[COMPOUND].to_numpy()))
-        copairs_frames.append(pd.DataFrame({"analysis": "activity", "query_split": act["query_split"],
-                                            "group": act[COMPOUND], **{c: act[c] for c in (
-                                                "mean_average_precision", "corrected_p_value",
-                                                "below_corrected_p")}}))
-        moa_set = label_sets["moa"]
-        for name in crossval.SPLITS:
-            pick = split_of(moa_set.compounds) == name
-            if pick.sum() < 4:
-                continue
-            ids = moa_set.compounds[pick]
-            cons = copairs_metrics.moa_consistency(profiles[[position[c] for c in ids]],
-                                                   moa_set.labels[moa_set.membership[pick].argmax(axis=1)],
-                                                   cfg.copairs_null_size, cfg.seed)
-            copairs_frames.append(pd.DataFrame({"analysis": "consistency", "query_split": name,
-                                                "group": cons["Metadata_moa"], **{c: cons[c] for c in (
-                                                    "mean_average_precision", "corrected_p_value",
-                                                    "below_corrected_p")}}))
-    cp = pd.concat(copairs_frames, ignore_index=True) if copairs_frames else pd.DataFrame(
-        columns=["analysis", "query_split", "group", "mean_average_precision", "corrected_p_value",
-                 "below_corrected_p"])
-    for (analysis, name), group in cp.groupby(["analysis", "query_split"]):
-        task = "activity" if analysis == "activity" else "moa"
-        extra.append({"task": task, "query_split": name, "fold": -1, "metric": f"copairs-mAP-{analysis}",
-                      "value": float(group["mean_average_precision"].mean()), "n_queries": len(group)})
-        extra.append({"task": task, "query_split": name, "fold": -1, "metric": f"copairs-fraction-{analysis}",
-                      "value": float(group["below_corrected_p"].astype(bool).mean()), "n_queries": len(group)})
-
-    recovery = pd.DataFrame(columns=[COMPOUND, "query_split", "pearson_r"])
-    if truth is not None:
-        common = [c for c in compounds if c in truth.index]
-        if len(common) >= 2 * cfg.truth_folds:
-            r, _ = causal.truth_recovery(profiles[[position[c] for c in common]], truth.loc[common].to_numpy(),
-                                         cfg.truth_folds, cfg.seed)
-            recovery = pd.DataFrame({COMPOUND: common, "query_split": split_of(np.array(common, dtype=object)),
-                                     "pearson_r": r})
-            for name, group in recovery.groupby("query_split"):
-                extra.append({"task": "truth", "query_split": name, "fold": -1, "metric": "truth-r-mean",
-                              "value": float(group["pearson_r"].mean()), "n_queries": len(group)})
-
-    rng = np.random.default_rng([cfg.seed, 7])
-    pick = np.sort(rng.choice(len(values), size=min(cfg.embedding_max_points, len(values)), replace=False))
-    xy = report.compute_embedding(values[pick], cfg.embedding, cfg.seed)
-    emb = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], COMPOUND: meta[COMPOUND].to_numpy()[pick],
-                        "Metadata_Source": meta["Metadata_Source"].to_numpy()[pick],
-                        "Metadata_Batch": meta["Metadata_Batch"].to_numpy()[pick]})
-    emb["Metadata_moa"] = moa_of.reindex(emb[COMPOUND]).to_numpy()
-    emb.loc[emb[COMPOUND] == DMSO_JCP2022, "Metadata_moa"] = "DMSO"
-
-    results = pd.concat([results, pd.DataFrame(extra)], ignore_index=True).assign(data_type=data_type)
-    results = results.astype({"fold": "int32", "n_queries": "int32", "value": "float64"})
+    results, cp, recovery, emb = out.results, out.copairs, out.recovery, out.embedding
+    if profile_rows is not None:
+        results = pd.concat([results, pd.DataFrame([{
+            "task": "profile", "query_split": "seen", "fold": -1, "metric": "seen-compounds-without-heldout-wells",
+            "value": float(fallback), "n_queries": int(len(out.compounds))}])], ignore_index=True)
+    results = results.assign(data_type=data_type).astype({"fold": "int32", "n_queries": "int32",
+                                                           "value": "float64"})
+    values, compounds, kept = out.wells.values, out.compounds, out.wells.features
     part = _safe(data_type)
     run = cfg.run
     # parts first, marker last: an interrupted unit leaves no marker and is redone from scratch
@@ -372,11 +376,15 @@ def evaluate_data_type(lake: Lake, cfg: EvaluateConfig, data_type: str, dataset:
     lake.write_named("eval_copairs", _arrow(cp.assign(data_type=data_type), "eval_copairs"), config=cfg,
                      part=part, partition={"run": run})
     lake.write_named("eval_truth_recovery", _arrow(recovery.assign(data_type=data_type).astype(
-        {"pearson_r": "float64"}), "eval_truth_recovery"), config=cfg, part=part, partition={"run": run})
+        {"pearson_r": "float64", "spearman_r": "float64"}), "eval_truth_recovery"), config=cfg, part=part,
+        partition={"run": run})
     lake.write_named("eval_embedding", _arrow(emb.assign(data_type=data_type), "eval_embedding"), config=cfg,
                      part=part, partition={"run": run})
-    info = {"data_type": data_type, "dataset": dataset, "wells": int(len(values)),
-            "compounds": int(len(compounds)), "features": len(kept), "seconds": round(time.time() - t0, 2),
+    for table_name, vals, feats in (("profiles_normalized", out.wells.normalized, out.wells.normalized_features),
+                                    ("profiles_featselect", out.wells.values, out.wells.features)):
+        lake.write_named(table_name, _profile_table(meta, vals, feats), config=cfg, part="wells",
+                         partition={"run": run, "data_type": part})
+    info = {"data_type": data_type, "dataset": dataset, **out.info, "seconds": round(time.time() - t0, 2),
             "config": config_to_dict(cfg)}
     lake.commit_unit(stage_name(run), part, info)
     log.info("evaluate %s: %d wells, %d compounds, %d features in %.1f s", data_type, len(values),
@@ -414,6 +422,8 @@ def run(lake: Lake, config: EvaluateConfig | None = None, annotations: str | Non
         ``summary`` (DataFrame: data type x task x split, mean/SD of mAP and ROC-AUC over folds),
         ``truth_recovery`` (DataFrame: mean per-compound r per data type x split, empty without truth),
         ``copairs`` (DataFrame: copairs mAP per data type x analysis x split), ``anova``/``tukey`` (DataFrames),
+        ``paired`` (paired t / Wilcoxon, Holm-adjusted, every pair of data types), ``verdict`` (each arm vs real
+        and vs its counterpart, in words),
         ``exclusions`` (int: compound x task rows excluded), ``report`` (URI of report.html),
         ``results`` (URI of results.parquet).
     """
@@ -428,13 +438,26 @@ def run(lake: Lake, config: EvaluateConfig | None = None, annotations: str | Non
     t0 = time.time()
     con, views = _connect(lake)
     try:
-        data_types = discover(lake, cfg)
+        heldout = load_heldout_batches(lake, views)
+        fingerprints = load_fingerprints(lake, views)
+        data_types = discover(lake, cfg, heldout=bool(heldout), fingerprints=fingerprints is not None)
         per_dataset = {ds: profiled_compounds(con, ds) for ds in sorted(set(data_types.values()))}
     finally:
         con.close()
     ann = load_labels(lake, cfg, views, cfg.annotations or None)
     split = load_split(lake, views)
-    truth = load_truth(lake, views)
+    truth = load_truth(lake, cfg)
+    if truth is not None:
+        frame = pd.DataFrame(truth.profiles, columns=truth.features)
+        frame.insert(0, COMPOUND, truth.compounds)
+        lake.write_named("truth_profiles", pa.Table.from_pandas(frame, preserve_index=False), config=cfg,
+                         part="truth", partition={"run": cfg.run})
+    neighbours = None
+    if CHEM_NN in data_types:
+        ids, bits = fingerprints
+        seen = (split.reindex(ids).fillna("unseen").to_numpy() == "seen") if split is not None else \
+            np.ones(len(ids), dtype=bool)
+        neighbours = nearest_seen_neighbours(ids, bits, seen)
     profiled = set.intersection(*per_dataset.values())
     only = sorted(set.union(*per_dataset.values()) - profiled)
     label_sets, exclusions = build_label_sets(ann, sorted(profiled), split, cfg)
@@ -451,7 +474,7 @@ def run(lake: Lake, config: EvaluateConfig | None = None, annotations: str | Non
         lake.reset_stage(stage)
     done = lake.committed_units(stage)
     todo = [(dt, ds) for dt, ds in data_types.items() if _safe(dt) not in done]
-    args = (label_sets, ann, split, truth)
+    args = (label_sets, ann, split, truth, heldout, neighbours)
     if ray is None:
         for dt, ds in todo:
             evaluate_data_type(lake, cfg, dt, ds, *args)
@@ -480,27 +503,27 @@ def run(lake: Lake, config: EvaluateConfig | None = None, annotations: str | Non
     copairs = copairs[copairs["data_type"].isin(list(data_types))] if len(copairs) else copairs
     recovery = recovery[recovery["data_type"].isin(list(data_types))] if len(recovery) else recovery
     embedding = embedding[embedding["data_type"].isin(list(data_types))] if len(embedding) else embedding
+    paired, verdict = paired_and_verdicts(results, recovery, REAL, cfg.alpha)
     for name, frame in (("eval_summary", summary), ("eval_anova", anova), ("eval_tukey", tukey),
-                        ("eval_exclusions", exclusions)):
+                        ("eval_exclusions", exclusions), ("eval_paired", paired), ("eval_verdict", verdict)):
         lake.write_named(name, _arrow(frame, name), config=cfg, part=name.removeprefix("eval_"), partition={"run": cfg.run})
     copairs_summary = (copairs.groupby(["data_type", "analysis", "query_split"])
                        .agg(mAP=("mean_average_precision", "mean"),
                             fraction_significant=("below_corrected_p", "mean"), n=("group", "size")).reset_index()
                        if len(copairs) else pd.DataFrame())
-    recovery_summary = (recovery.groupby(["data_type", "query_split"])["pearson_r"].agg(["mean", "median", "count"])
-                        .reset_index() if len(recovery) else pd.DataFrame())
-    report_uri = (write_report(lake, cfg, summary, anova, tukey, copairs_summary, exclusions, recovery, embedding)
-                  if cfg.report else None)
+    recovery_summary = report.summarise_recovery(recovery)
+    report_uri = (write_report(lake, cfg, summary, anova, tukey, copairs_summary, exclusions, recovery, embedding,
+                               paired, verdict) if cfg.report else None)
     log.info("evaluate %s: done in %.1f s -> %s", cfg.run, time.time() - t0, report_uri)
     return {"run": cfg.run, "data_types": list(data_types), "units_done_now": len(todo),
             "units_skipped": len(data_types) - len(todo), "results_rows": len(results), "summary": summary,
             "truth_recovery": recovery_summary, "copairs": copairs_summary, "anova": anova, "tukey": tukey,
-            "exclusions": len(exclusions), "report": report_uri,
+            "exclusions": len(exclusions), "report": report_uri, "paired": paired, "verdict": verdict,
             "results": lake.uri_of(f"eval/run={cfg.run}/results.parquet")}
 
 
 def write_report(lake: Lake, cfg: EvaluateConfig, summary, anova, tukey, copairs, exclusions, recovery,
-                 embedding) -> str:
+                 embedding, paired=None, verdict=None) -> str:
     """Figures to ``eval/<run>/figures/*.png``, CSV copies of the tables and ``eval/<run>/report.html``."""
     base = f"eval/{cfg.run}"
     figures = []
@@ -518,14 +541,17 @@ def write_report(lake: Lake, cfg: EvaluateConfig, summary, anova, tukey, copairs
                  report.embedding_figure, embedding, column)
     if recovery is not None and len(recovery):
         save("truth_recovery", "ground-truth recovery per compound", report.recovery_figure, recovery)
+    paired = pd.DataFrame() if paired is None else paired
+    verdict = pd.DataFrame() if verdict is None else verdict
     for name, frame in (("summary", summary), ("tukey", tukey), ("anova", anova), ("exclusions", exclusions),
-                        ("copairs", copairs)):
+                        ("copairs", copairs), ("paired", paired), ("verdict", verdict)):
         lake.write_bytes(f"{base}/{name}.csv", frame.to_csv(index=False).encode())
     notes = []
     if not len(tukey):
         notes.append("Tukey HSD needs at least two data types with two folds each.")
     content = report.ReportContent(run=cfg.run, summary=summary, anova=anova, tukey=tukey, copairs=copairs,
-                                   exclusions=exclusions, recovery=recovery, figures=figures, notes=notes)
+                                   exclusions=exclusions, recovery=recovery, figures=figures, notes=notes,
+                                   paired=paired, verdict=verdict)
     lake.write_bytes(f"{base}/report.html", report.render_html(content).encode())
     lake.write_config(base, cfg)
     return lake.uri_of(f"{base}/report.html")
@@ -533,13 +559,14 @@ def write_report(lake: Lake, cfg: EvaluateConfig, summary, anova, tukey, copairs
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_parser(sub) -> None:
-    from pipelines.cli import add_config_arguments
+    from pipelines.cli import add_config_arguments, lake_name
 
     p = sub.add_parser("evaluate", help="subprofile MoA/target prediction per data type, statistics, report",
                        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, PRESETS, EvaluateConfig)
-    p.add_argument("--run", help="evaluation run name (default from config: 'default')")
+    p.add_argument("--run", type=lake_name, help="evaluation run name (default from config: 'default')")
     p.add_argument("--annotations", help="Repurposing Hub style file (InChIKey + moa/target), joined on InChIKey")
+    p.add_argument("--annotation-key", metavar="COL", help="join --annotations on this column (compound ids) instead")
     p.add_argument("--data-types", help="comma-separated data types to evaluate (default: all found)")
     p.add_argument("--harmony-batch-key", choices=["batch", "source", "both"])
     p.set_defaults(func=_cmd_evaluate)
@@ -555,6 +582,8 @@ def _cmd_evaluate(args) -> int:
         overrides.append(f"data_types={args.data_types}")
     if args.harmony_batch_key:
         overrides.append(f"harmony_batch_key={args.harmony_batch_key}")
+    if args.annotation_key:
+        overrides.append(f"annotation_key={args.annotation_key}")
     cfg = config_from_args(EvaluateConfig, PRESETS, args, overrides)
     lake = lake_from_args(args)
     lake.check_reachable()

@@ -8,10 +8,14 @@ with global robust percentiles (as ingest does), cuts random crops, trains on bo
 - ``config.json`` + ``diffusion_pytorch_model.safetensors``: diffusers format (``AutoencoderKL.from_pretrained``),
   ``scaling_factor`` set to 1/std of the training latents;
 - ``normalisation.json``, ``history.json``, ``fit/config.json`` (the FitVaeConfig and code version);
+- ``_artifact.json``: the :class:`storage_schemas.artifacts.VaeModel` record ingest reads (id, science config,
+  fingerprint, resources apart);
 - ``reconstruction.png`` (crops and their reconstructions, per channel) and ``reconstruction_error.png``
   (per-channel MSE and the loss curve).
 
-Committed as unit ``<vae_id>`` of stage ``fit-vae``: a rerun returns the stored summary unless ``--force``.
+Committed as unit ``<vae_id>`` of stage ``fit-vae``. A rerun with the same science fields returns the stored
+summary (resources -- ``num_cpus``, ``num_gpus`` -- may differ); with other science fields it is refused,
+naming them, unless ``--force`` (a refit changes the VAE every latent cache made with it was encoded by).
 """
 from __future__ import annotations
 
@@ -30,10 +34,13 @@ from cpldm_core.autoencoder import FIT_VAE_PRESETS, FitVaeConfig
 from cpldm_core.configuration import config_to_dict
 from cpldm_core.errors import UserError
 from storage_schemas import columns as c
+from storage_schemas.artifacts import InputRef, VaeModel, fingerprint_of, read_record, write_record
 
 log = logging.getLogger(__name__)
 
 STAGE = "fit-vae"
+#: FitVaeConfig fields that only choose resources (excluded from the VAE's fingerprint).
+RESOURCE_KEYS = ("num_cpus", "num_gpus")
 #: Crops of the sample set aside (not trained on) for the reconstruction figures.
 EVAL_CROPS = 16
 
@@ -115,26 +122,75 @@ def fit_task(endpoint_url: str | None, records: list[dict], norm: dict, cfg: dic
             "scaling_factor": float(vae.config.scaling_factor)}
 
 
+def vae_record(config: FitVaeConfig, sample_keys, scaling_factor: float = 1.0,
+               eval_mse_per_channel=()) -> VaeModel:
+    """The VaeModel record of a fit: science config (resources apart) and the training sites it saw."""
+    from pipelines.storage import code_version
+
+    cfg = config_to_dict(config)
+    return VaeModel(
+        id=config.vae_id,
+        inputs={"catalog": InputRef(kind="Catalog", id="sites", fingerprint=fingerprint_of(sorted(sample_keys)))},
+        origin="fit-vae", architecture=config.architecture,
+        config={k: v for k, v in cfg.items() if k not in RESOURCE_KEYS and k != "vae_id"},
+        resources={k: cfg[k] for k in RESOURCE_KEYS}, code_version=code_version(),
+        scaling_factor=float(scaling_factor), eval_mse_per_channel=tuple(float(v) for v in eval_mse_per_channel))
+
+
+def register_vae(lake, vae_id: str, directory: str, note: str) -> VaeModel:
+    """Copy a diffusers ``AutoencoderKL`` directory into ``vae/<vae_id>/`` with an ``external`` VaeModel record.
+
+    For VAEs not fitted by ``fit-vae`` (tests, benchmarks, weights from elsewhere) that ingest should find by
+    lake name. ``note`` says where the weights came from; it is the record's science identity, with the
+    weights' sha256 (so replacing the files changes the fingerprint).
+    """
+    import hashlib
+
+    from pipelines.ingest import VAE_WEIGHT_FILES
+    from pipelines.storage import code_version
+
+    digest = hashlib.sha256()
+    for name in VAE_WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            data = open(path, "rb").read()
+            digest.update(name.encode() + data)
+            lake.write_bytes(f"vae/{vae_id}/{name}", data)
+    if not lake.exists(f"vae/{vae_id}/config.json"):
+        raise UserError(f"{directory}: no diffusers config.json to register as VAE '{vae_id}'")
+    scaling = float(json.loads(lake.read_bytes(f"vae/{vae_id}/config.json")).get("scaling_factor", 1.0))
+    record = VaeModel(id=vae_id, inputs={}, origin="external", config={"source": note, "sha256": digest.hexdigest()},
+                      code_version=code_version(), scaling_factor=scaling)
+    write_record(lake, f"vae/{vae_id}", record)
+    return record
+
+
 def run(lake, config: FitVaeConfig, force: bool = False) -> dict:
     """Fit and save ``vae/<config.vae_id>/``.
 
     Returns:
         {"vae_id", "path", "sites", "train_crops", "eval_crops", "final_mse", "eval_mse_per_channel",
-         "scaling_factor", "seconds"}
+         "scaling_factor", "fingerprint", "seconds"}
     """
     from pipelines.ingest import compute_normalisation, select_sites, site_records, stats_sample
     from pipelines.ray_runtime import ensure_ray
 
     start = time.perf_counter()
-    ray = ensure_ray()
     base = f"vae/{config.vae_id}"
+    sample = stats_sample(select_sites(lake, "train"), config.max_sites, config.seed)
+    planned = vae_record(config, sample["Metadata_SiteKey"])
     if force:
         lake.delete(f"_markers/{STAGE}/{config.vae_id}.json")  # forget only this VAE
     if lake.is_committed(STAGE, config.vae_id):
+        stored = read_record(lake, base, VaeModel, config.vae_id)
+        if stored.fingerprint != planned.fingerprint:
+            raise UserError(f"{lake.uri_of(base)} was fitted with other science settings "
+                            f"({', '.join(planned.changed_fields(stored))} differ); pass --force to refit it "
+                            f"(latent caches made with it must then be rebuilt), or --vae-id <new name>")
         info = lake.unit_info(STAGE, config.vae_id)
         log.info("fit-vae: %s already fitted (use --force to refit)", config.vae_id)
         return {**info.get("summary", {}), "skipped": True}
-    sample = stats_sample(select_sites(lake, "train"), config.max_sites, config.seed)
+    ray = ensure_ray()
     norm = compute_normalisation(lake, sample, "auto", config.low_percentile, config.high_percentile)
     log.info("fit-vae: %d training sites, %s architecture, %d steps", len(sample), config.architecture,
              config.steps)
@@ -147,10 +203,13 @@ def run(lake, config: FitVaeConfig, force: bool = False) -> dict:
     lake.write_bytes(f"{base}/reconstruction.png", out["reconstruction_png"])
     lake.write_bytes(f"{base}/reconstruction_error.png", out["error_png"])
     lake.write_config(f"{base}/fit", config)
+    record = vae_record(config, sample["Metadata_SiteKey"], out["scaling_factor"], out["mse_per_channel"])
+    write_record(lake, base, record)
     summary = {"vae_id": config.vae_id, "path": lake.uri_of(base), "sites": len(sample),
                "train_crops": out["train_crops"], "eval_crops": out["eval_crops"],
                "final_mse": out["history"][-1]["mse"] if out["history"] else None,
-               "eval_mse_per_channel": out["mse_per_channel"], "scaling_factor": out["scaling_factor"]}
+               "eval_mse_per_channel": out["mse_per_channel"], "scaling_factor": out["scaling_factor"],
+               "fingerprint": record.fingerprint}
     lake.commit_unit(STAGE, config.vae_id, {"summary": summary})
     summary["seconds"] = round(time.perf_counter() - start, 2)
     log.info("fit-vae: %s", summary)
@@ -158,12 +217,12 @@ def run(lake, config: FitVaeConfig, force: bool = False) -> dict:
 
 
 def add_parser(subparsers) -> None:
-    from pipelines.cli import add_config_arguments
+    from pipelines.cli import add_config_arguments, lake_name
 
     p = subparsers.add_parser("fit-vae", help="fit a small AutoencoderKL on the lake's training crops",
                               description=__doc__.split("\n")[0])
     add_config_arguments(p, FIT_VAE_PRESETS, FitVaeConfig)
-    p.add_argument("--vae-id", default=None, help="output name under vae/ (default: the preset's)")
+    p.add_argument("--vae-id", default=None, type=lake_name, help="output name under vae/ (default: the preset's)")
     p.add_argument("--force", action="store_true", help="refit even if already fitted")
     p.set_defaults(func=_main)
 

@@ -2,8 +2,8 @@
 
 Recipe (METHOD.md "Generation"):
 
-1. resolve the trained model (``models/<model_run>/final/``), its confounder vocabulary, VAE, normalisation
-   statistics and compound encoder;
+1. resolve the trained model (``models/<model_run>/final/``), its confounder support (``confounder_support``,
+   recorded by ``cpldm train``), VAE, normalisation statistics and compound encoder;
 2. select compounds (``seen|unseen|all|FILE``; DMSO added), reject those without an embedding (``rejects``);
 3. write the design table ``generation_design`` (partition ``run=<gen_run>``) streamed in parts, each committed;
 4. create ``synthetic/<gen_run>/images.zarr`` (N_rows, 5, H, W) uint16, one chunk per image, one shard per block;
@@ -11,6 +11,12 @@ Recipe (METHOD.md "Generation"):
    blocks: sample latents (DDIM / DPM-Solver++) -> decode 8 latent channels to 5 image channels -> de-normalise
    to uint16 -> write the block's rows and its ``synthetic_manifest`` part (+ TIFFs); the driver then commits
    the block's marker.
+
+``--oracle c-aware|scm-free`` replaces the model by the simulator (:class:`OracleRenderer` actors): each design
+row is rendered by ``cpldm_core.simulate.oracle.render_condition`` (a perfect p(O | T, C), fresh cells from the
+row's seed), put through ingest's transform (normalise, crop) and stored like a decoded model image. The support
+then comes from the catalog and the split tables (:func:`cpldm_core.design.confounder_support`). ``--run truth``
+with ``--oracle c-aware`` is the interventional truth (docs/generate.md).
 
 Exactly-once: a block's outputs live at keys only that block writes (its image rows, its shard, its manifest
 part), so a killed run rerun with the same settings redoes the uncommitted blocks and overwrites their partial
@@ -32,6 +38,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+import storage_schemas
 from cpldm_core.configuration import load_config
 from cpldm_core.design import GENERATE_PRESETS, ConfounderSpace, DesignSpec, GenerateConfig, generate_preset
 from cpldm_core.errors import UserError
@@ -130,32 +137,26 @@ def resolve_model(lake, model_run: str) -> ModelInfo:
                      compound_input=str(cfg.get("compound_input", "pooled")))
 
 
-def confounder_space(lake, model: ModelInfo) -> ConfounderSpace:
-    """p'(C): the model's training batches (each with its source) and training wells (rows x columns)."""
-    from cpldm_core.design import wells_from_vocab
+def read_support(lake, model_run: str) -> pd.DataFrame:
+    """The confounder support recorded with model ``model_run`` by ``cpldm train`` (table ``confounder_support``,
+    partition ``model=<run>``): (source, batch, well) observed with treatments in its training rows."""
+    from cpldm_core.design import SUPPORT_COLUMNS
 
-    batches = list(model.vocab["batches"])
-    mapping = _find_key(model.metadata, "batch_sources") or {}
-    if not all(b in mapping for b in batches):
-        for table in ("split_batches", "latent_index", "sites"):
-            try:
-                frame = lake.read_named(table, columns=["Metadata_Source", "Metadata_Batch"]).to_pandas()
-            except Exception:  # table absent in this lake: try the next source of the mapping
-                continue
-            mapping = {**dict(zip(frame["Metadata_Batch"], frame["Metadata_Source"])), **mapping}
-            if all(b in mapping for b in batches):
-                break
-    missing = [b for b in batches if b not in mapping]
-    if missing:
-        raise UserError(f"cannot find the source of training batch(es) {missing[:5]} (model '{model.model_run}'): "
-                        "neither the model metadata (batch_sources) nor split_batches/latent_index list them")
+    rel = f"{storage_schemas.table_spec('confounder_support').path}/model={model_run}"
+    if not lake.exists(rel):
+        raise UserError(f"model '{model_run}' has no recorded confounder support ({lake.uri_of(rel)}); it was "
+                        f"trained by an older version: retrain it with `cpldm train --run {model_run}`")
+    return lake.read_table(rel).to_pandas()[list(SUPPORT_COLUMNS)]
+
+
+def confounder_space(lake, model: ModelInfo, kind: str = "joint") -> ConfounderSpace:
+    """p'(C): uniform over the model's recorded support (``joint``) or its batches x wells (``independent``)."""
+    space = ConfounderSpace.from_table(read_support(lake, model.model_run), kind)
     sources = set(model.vocab.get("sources") or [])
-    if sources and not {mapping[b] for b in batches} <= sources:
-        extra = sorted({mapping[b] for b in batches} - sources)
-        raise UserError(f"batches map to source(s) {extra} that model '{model.model_run}' was not trained on")
-    wells = wells_from_vocab(rows=model.vocab.get("well_rows"), columns=model.vocab.get("well_cols"),
-                             wells=model.vocab.get("wells"))
-    return ConfounderSpace(tuple((mapping[b], b) for b in batches), wells)
+    extra = sorted({s for s, _ in space.batches} - sources) if sources else []
+    if extra:
+        raise UserError(f"the support of model '{model.model_run}' names source(s) {extra} it was not trained on")
+    return space
 
 
 def encoder_of(lake, model: ModelInfo) -> str:
@@ -289,9 +290,13 @@ class GenerationJob:
     device: str
     threads: int
     export_tiff: bool
+    oracle: str = ""              # "" (a model run) | c-aware | scm-free
+    crop: tuple = ()              # oracle: ingest's (crop_mode, crop_size, tile_grid)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        if self.oracle:
+            return (len(cols.CHANNELS), int(self.crop[1]), int(self.crop[1]))
         _, h, w = self.model.latent_shape
         return (len(cols.CHANNELS), h * VAE_DOWNSAMPLE, w * VAE_DOWNSAMPLE)
 
@@ -391,6 +396,45 @@ class BlockGenerator:
         return self(block)
 
 
+class OracleRenderer(BlockGenerator):
+    """Simulator-holding worker (``--oracle``): renders design rows with the world's causal model.
+
+    Each row: ``render_condition(world, compound, source, batch, well, default_rng(seed))`` -> the site at the
+    world's field size, then exactly ingest's transform of a real site (global per-channel normalisation to
+    [-1, 1], the ingest crop) and :func:`cpldm_core.images.denormalise` back to uint16, which is the
+    representation a model's decoded images are stored in. Usable without Ray.
+    """
+
+    def __init__(self, lake, job: GenerationJob):  # noqa: D107 (no model to load: the world only)
+        from pipelines.simulate import load_world
+
+        self.lake, self.job = lake, job
+        self.world = load_world(lake)
+        self.images = None
+
+    def generate(self, design: pd.DataFrame) -> np.ndarray:
+        """Images of design rows: ``(B, 5, H, W) uint16``, H = W = the ingest crop size."""
+        return np.stack([oracle_image(self.world, row.Metadata_JCP2022, row.Metadata_Source, row.Metadata_Batch,
+                                      row.Metadata_Well, int(row.Metadata_Seed), self.job.normalisation,
+                                      self.job.crop)
+                         for row in design.itertuples(index=False)]) if len(design) else \
+            np.zeros((0, *self.job.image_shape), np.uint16)
+
+
+def oracle_image(world, compound: str, source: str, batch: str, well: str, seed: int, normalisation: dict,
+                 crop: tuple) -> np.ndarray:
+    """One oracle image ``(5, S, S) uint16``: the simulator's site for (compound, confounders) with fresh cells
+    from ``seed``, normalised and cropped as ingest does a real site (``crop = (mode, size, grid)``; tile mode
+    keeps tile ``seed % tiles``), stored as :func:`~cpldm_core.images.denormalise` stores decoded images."""
+    from cpldm_core import images as im
+    from cpldm_core.simulate.oracle import render_condition
+
+    raw = render_condition(world, compound, source, batch, well, np.random.default_rng(int(seed)))
+    mode, size, grid = crop
+    crops = im.crops_of(im.normalise(raw, normalisation["low"], normalisation["high"]), mode, int(size), int(grid))
+    return im.denormalise(crops[int(seed) % len(crops)], normalisation["low"], normalisation["high"])
+
+
 def write_manifest(lake, job: GenerationJob, block: int, design: pd.DataFrame) -> None:
     n = len(design)
     manifest = design.assign(
@@ -413,9 +457,17 @@ def tiff_name(well: str, site: int, channel: int) -> str:
     return f"r{row_number:02d}c{col:02d}f{site:02d}p01-ch{channel}sk1fk1fl1.tiff"
 
 
+def _tiff_site(job: GenerationJob, row) -> int:
+    # a treatment has one image per draw; DMSO has dmso_per_draw of them: number them all apart
+    if row.Metadata_JCP2022 == job.spec.negcon:
+        return row.Metadata_Draw * job.spec.dmso_per_draw + row.Metadata_Replicate + 1
+    return row.Metadata_Draw + 1
+
+
 def export_tiffs(lake, job: GenerationJob, block: int, design: pd.DataFrame, images: np.ndarray) -> None:
     """JUMP layout: ``synthetic/<run>/tiff/<source>/images/<batch>/images/<plate>/Images/<file>`` with plate =
-    the compound id and site = draw + 1 (so every image has a unique path), chN = CHANNELS order + 1; plus a
+    the compound id and site = draw + 1 (DMSO: draw x dmso_per_draw + replicate + 1) so every image has a
+    unique path, chN = CHANNELS order + 1; plus a
     load_data CSV per block (``tiff/load_data_csv/block-XXXXXX.csv``, JUMP's ``URL_Orig*`` columns)."""
     import tifffile
 
@@ -426,14 +478,14 @@ def export_tiffs(lake, job: GenerationJob, block: int, design: pd.DataFrame, ima
         folder = f"{base}/{row.Metadata_Source}/images/{row.Metadata_Batch}/images/{plate}/Images"
         urls = {}
         for c, name in enumerate(cols.CHANNELS):
-            rel = f"{folder}/{tiff_name(row.Metadata_Well, row.Metadata_Draw + 1, c + 1)}"
+            rel = f"{folder}/{tiff_name(row.Metadata_Well, _tiff_site(job, row), c + 1)}"
             buf = io.BytesIO()
             tifffile.imwrite(buf, images[k, c])
             lake.write_bytes(rel, buf.getvalue())
             urls[f"URL_Orig{name}"] = lake.uri_of(rel)
         records.append({**urls, "Metadata_Source": row.Metadata_Source, "Metadata_Batch": row.Metadata_Batch,
                         "Metadata_Plate": plate, "Metadata_Well": row.Metadata_Well,
-                        "Metadata_Site": row.Metadata_Draw + 1, "Metadata_JCP2022": row.Metadata_JCP2022,
+                        "Metadata_Site": _tiff_site(job, row), "Metadata_JCP2022": row.Metadata_JCP2022,
                         "Metadata_Draw": row.Metadata_Draw, "Metadata_ImageRow": row.Metadata_DesignRow})
     lake.write_bytes(f"{base}/load_data_csv/{block_unit(block)}.csv",
                      pd.DataFrame.from_records(records).to_csv(index=False).encode())
@@ -446,15 +498,22 @@ def check_run_config(lake, job: GenerationJob, config: GenerateConfig) -> dict:
         "run": job.gen_run, "model_run": job.model.model_run, "model_kind": job.model.kind,
         "draws": job.spec.draws, "sampler": job.sampler, "steps": job.steps, "guidance_scale": job.guidance_scale,
         "compounds": config.compounds, "n_compounds": len(job.spec.compounds), "n_images": job.spec.n_rows,
-        "design": job.spec.kind, "shared_seed": job.spec.shared_seed, "seed_namespace": job.spec.namespace,
+        "design": job.spec.kind, "support": job.spec.space.kind, "support_combinations":
+            len(job.spec.space.combinations), "support_values": len(job.spec.space.values),
+        "shared_draws": job.spec.shared_draws, "dmso_per_draw": job.spec.dmso_per_draw,
+        "plates": "one per draw (Metadata_Plate = draw-<i:04d>), normalised against its own DMSO images",
+        "seed_namespace": job.spec.namespace, "oracle": job.oracle or None,
         "block_size": job.spec.block_size, "image_shape": list(job.image_shape), "encoder": job.encoder,
         "vae": job.vae_location, "vae_id": job.vae_id, "normalisation": job.normalisation,
         "design_fingerprint": job.spec.fingerprint(),
     }
+    if job.oracle:
+        record["crop"] = list(job.crop)
     rel = f"{run_dir(job.gen_run)}/config.json"
     if lake.exists(rel):
         old = lake.read_json(rel).get("generation", {})
-        keys = ("model_run", "design_fingerprint", "sampler", "steps", "guidance_scale", "image_shape", "vae")
+        keys = ("model_run", "design_fingerprint", "sampler", "steps", "guidance_scale", "image_shape", "vae",
+                "oracle")
         changed = [k for k in keys if old.get(k) != record[k]]
         if changed:
             raise UserError(f"generation run '{job.gen_run}' already exists in {lake.uri} with different "
@@ -513,15 +572,18 @@ def prepare_images_array(lake, job: GenerationJob) -> None:
 
 def plan(lake, config: GenerateConfig) -> tuple[GenerationJob, list[dict]]:
     """Resolve model, confounder space, compounds and design: the job and the compound rejects."""
+    if config.oracle:
+        return plan_oracle(lake, config)
     model = resolve_model(lake, config.model_run)
-    space = confounder_space(lake, model)
+    space = confounder_space(lake, model, config.support)
     encoder = encoder_of(lake, model)
     compounds, rejects = select_compounds(lake, config, encoder)
     if not compounds:
         raise UserError(f"no compound to generate: selection '{config.compounds}' matched none with an embedding "
                         f"for encoder {encoder!r}")
     spec = DesignSpec(config.namespace, tuple(compounds), config.draws, space, kind=config.design,
-                      shared_seed=config.shared_seed, block_size=config.block_size)
+                      shared_draws=config.shared_draws, block_size=config.block_size,
+                      dmso_per_draw=config.dmso_per_draw, negcon=cols.DMSO_JCP2022)
     vae = vae_source(lake, model, config.vae)
     norm = read_normalisation(lake, vae["vae_id"])
     job = GenerationJob(gen_run=config.run_name, spec=spec, model=model, encoder=encoder,
@@ -532,6 +594,73 @@ def plan(lake, config: GenerateConfig) -> tuple[GenerationJob, list[dict]]:
                         device=config.device if config.gpus_per_actor > 0 or config.device != "auto" else "cpu",
                         threads=max(1, int(config.cpus_per_actor)), export_tiff=config.export_tiff)
     return job, rejects
+
+
+def oracle_inputs(lake) -> tuple[pd.DataFrame, set[str], set[str]]:
+    """(catalog sites [source, batch, well, compound], training batches, seen compounds) of the lake."""
+    sites = lake.read_named("sites", columns=["Metadata_Source", "Metadata_Batch", "Metadata_Well",
+                                              "Metadata_JCP2022"]).to_pandas()
+    split_b = lake.read_named("split_batches").to_pandas()
+    split_c = lake.read_named("split_compounds").to_pandas()
+    train = set(split_b.loc[split_b["Metadata_BatchSplit"] == "train", "Metadata_Batch"].astype(str))
+    seen = set(split_c.loc[split_c["Metadata_CompoundSplit"] == "seen", "Metadata_JCP2022"].astype(str))
+    return sites, train, seen
+
+
+def plan_oracle(lake, config: GenerateConfig) -> tuple[GenerationJob, list[dict]]:
+    """The job of an oracle run: support and p(C | T) from the catalog and split tables, image size and
+    normalisation from the lake's (only, or ``--vae``) latent cache, no model and no embeddings."""
+    from cpldm_core.design import compound_supports, confounder_support
+
+    sites, train, seen = oracle_inputs(lake)
+    # the same rows a model trains on: seen compounds in training batches
+    space = ConfounderSpace.from_table(confounder_support(sites, train, compounds=seen), config.support)
+    if config.compounds in ("seen", "unseen", "all"):
+        split = lake.read_named("split_compounds").to_pandas()
+        if config.compounds != "all":
+            split = split[split["Metadata_CompoundSplit"] == config.compounds]
+        wanted = set(split["Metadata_JCP2022"].astype(str))
+    else:
+        wanted = set(read_compound_file(config.compounds))
+    if config.include_negcon:
+        wanted.add(cols.DMSO_JCP2022)
+    plated = set(sites["Metadata_JCP2022"].astype(str))
+    rejects = [{"item": c, "reason": "not in the catalog's sites: the simulator has no such compound"}
+               for c in sorted(wanted - plated)]
+    compounds = sorted(wanted & plated)
+    if not compounds:
+        raise UserError(f"no compound to render: selection '{config.compounds}' matched none in the catalog")
+    per_compound = ()
+    if config.oracle == "scm-free":
+        observed = compound_supports(sites, train, seen, compounds)
+        per_compound = tuple((c, ConfounderSpace.from_table(observed[c], "joint")) for c in compounds)
+    spec = DesignSpec(config.namespace, tuple(compounds), config.draws, space, kind=config.design,
+                      shared_draws=config.shared_draws, block_size=config.block_size,
+                      dmso_per_draw=config.dmso_per_draw, negcon=cols.DMSO_JCP2022, compound_spaces=per_compound)
+    vae_id = config.vae or _only_latent_cache(lake)
+    norm = read_normalisation(lake, vae_id)
+    ingest = (lake.read_json(f"latents/{vae_id}/config.json").get("config") or {}) \
+        if lake.exists(f"latents/{vae_id}/config.json") else {}
+    if not ingest.get("crop_size"):
+        raise UserError(f"{lake.uri_of(f'latents/{vae_id}/config.json')} does not record the ingest crop "
+                        "(config.crop_size); the oracle renders images the size of the real crops: rerun `cpldm ingest`")
+    crop = (str(ingest.get("crop_mode", "centre")), int(ingest["crop_size"]), int(ingest.get("tile_grid", 2)))
+    kind = f"oracle-{config.oracle}"
+    model = ModelInfo(model_run=kind, rel_dir="", kind=kind, vocab={}, metadata={}, latent_shape=(0, 0, 0),
+                      compound_input="")
+    job = GenerationJob(gen_run=config.run_name, spec=spec, model=model, encoder="", vae_location="",
+                        vae_subfolder=None, vae_id=vae_id, channel_groups=(), normalisation=norm,
+                        sampler="simulator", steps=0, guidance_scale=1.0, batch_size=config.batch_size,
+                        device="cpu", threads=1, export_tiff=config.export_tiff, oracle=config.oracle, crop=crop)
+    return job, rejects
+
+
+def _only_latent_cache(lake) -> str:
+    found = [posixpath.basename(p) for p in lake.ls("latents") if lake.exists(f"{p}/normalisation.json")]
+    if len(found) != 1:
+        raise UserError(f"latents/ holds {found or 'no'} latent cache(s); the oracle needs the ingest normalisation "
+                        "and crop of one: run `cpldm ingest` or pass --vae <vae_id>")
+    return found[0]
 
 
 def run(lake, config: GenerateConfig | None = None, max_blocks: int | None = None, use_ray: bool = True) -> dict:
@@ -572,6 +701,7 @@ def run(lake, config: GenerateConfig | None = None, max_blocks: int | None = Non
         generated = sum(r["images"] for r in results)
     seconds = time.perf_counter() - t0
     summary = {"run": gen_run, "model_run": job.model.model_run, "model_kind": job.model.kind,
+               "oracle": job.oracle or None, "guidance_scale": job.guidance_scale,
                "compounds": len(job.spec.compounds), "draws": job.spec.draws, "images": job.spec.n_rows,
                "blocks": job.spec.n_blocks, "blocks_done_now": len(pending),
                "blocks_skipped": sum(block_unit(b) in done for b in range(job.spec.n_blocks)),
@@ -588,8 +718,12 @@ def _commit(lake, job: GenerationJob, result: dict, n_done: int, n_total: int) -
              result["images"], result["images"] / max(result["seconds"], 1e-9), n_done, n_total)
 
 
+def _worker_class(job: GenerationJob) -> type:
+    return OracleRenderer if job.oracle else BlockGenerator
+
+
 def _run_local(lake, job: GenerationJob, pending: list[int]) -> list[dict]:
-    generator = BlockGenerator(lake, job)
+    generator = _worker_class(job)(lake, job)
     results = []
     for k, block in enumerate(pending):
         results.append(generator(block))
@@ -603,7 +737,8 @@ def _run_actors(lake, job: GenerationJob, config: GenerateConfig, pending: list[
     from pipelines.ray_runtime import ensure_ray
 
     ray = ensure_ray()
-    remote = ray.remote(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor)(BlockGenerator)
+    remote = ray.remote(num_cpus=config.cpus_per_actor,
+                        num_gpus=0 if job.oracle else config.gpus_per_actor)(_worker_class(job))
     n_actors = min(config.actors, len(pending))
     actors = [remote.remote(lake, job) for _ in range(n_actors)]
     queue = iter(pending)
@@ -659,21 +794,29 @@ def load_generate_config(config_file: str | None = None, overrides: list[str] | 
 
 
 def add_parser(subparsers) -> None:
-    from pipelines.cli import add_config_arguments
+    from pipelines.cli import add_config_arguments, lake_name
 
     p = subparsers.add_parser("generate", help="g-estimation: generate synthetic images from a trained model",
                               description=__doc__.split("\n")[0])
     add_config_arguments(p, GENERATE_PRESETS, GenerateConfig)
-    p.add_argument("--model-run", help="trained model run under models/ (scm, scm-free, ...)")
+    p.add_argument("--model-run", type=lake_name, help="trained model run under models/ (scm, scm-free, ...)")
     p.add_argument("--draws", type=int, help="N draws per compound (paper: 10, 100)")
     p.add_argument("--compounds", help="seen | unseen | all | FILE of JCP2022 ids")
     p.add_argument("--sampler", choices=("ddim", "dpm++"))
     p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--run", help="generation run name (default <model-run>-N<draws>)")
+    p.add_argument("--guidance-scale", "--guidance", dest="guidance", type=float,
+                   help="classifier-free guidance on the compound (null compound token), >= 0; 1 = none")
+    p.add_argument("--run", type=lake_name, help="generation run name (default <model-run>-N<draws>[-g<scale>], "
+                                 "oracle-<kind>-N<draws>); `--oracle c-aware --run truth` = the interventional truth")
     p.add_argument("--design", choices=("uniform", "stratified"))
-    p.add_argument("--shared-seed", action="store_true", default=None,
-                   help="same noise and confounders for draw i across compounds")
+    p.add_argument("--support", choices=("joint", "independent"),
+                   help="p'(C): uniform over observed (source, batch, well) (joint, default) or observed batches x "
+                        "observed treatment wells (independent)")
+    p.add_argument("--per-compound-draws", dest="shared_draws", action="store_false", default=None,
+                   help="draw noise and confounders per compound instead of one shared draw per repetition")
+    p.add_argument("--dmso-per-draw", type=int, help="DMSO images per draw (its plate's controls; default 8)")
+    p.add_argument("--oracle", choices=("c-aware", "scm-free"),
+                   help="render with the simulator as a perfect generator instead of a model")
     p.add_argument("--seed-namespace", help="hash namespace of seeds/confounders (default: the run name)")
     p.add_argument("--actors", type=int, help="model-holding Ray actors")
     p.add_argument("--cpus-per-actor", type=float)
@@ -685,7 +828,8 @@ def add_parser(subparsers) -> None:
 
 _FLAG_KEYS = {"model_run": "model_run", "draws": "draws", "compounds": "compounds", "sampler": "sampler",
               "steps": "steps", "guidance": "guidance_scale", "run": "run", "design": "design",
-              "shared_seed": "shared_seed", "seed_namespace": "seed_namespace", "actors": "actors",
+              "support": "support", "shared_draws": "shared_draws", "dmso_per_draw": "dmso_per_draw",
+              "oracle": "oracle", "seed_namespace": "seed_namespace", "actors": "actors",
               "cpus_per_actor": "cpus_per_actor", "gpus_per_actor": "gpus_per_actor", "export_tiff": "export_tiff",
               "vae": "vae"}
 

@@ -18,12 +18,12 @@ rows: exactly-once per plate.
 
 Normalisation statistics are computed once (before any plate is written) over a deterministic sample of
 training sites and stored in ``latents/<vae_id>/normalisation.json`` and the array attributes; a resumed run
-reuses them.
+reuses them. ``latents/<vae_id>/_artifact.json`` is the cache's ``LatentCache`` record (docs/architecture.md):
+a run whose science fingerprint (config without resources, VAE record, catalog) differs from it is refused.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -31,7 +31,6 @@ import os
 import re
 import tempfile
 import time
-from collections import OrderedDict
 from dataclasses import replace
 
 import numpy as np
@@ -43,16 +42,20 @@ from cpldm_core.configuration import config_to_dict
 from cpldm_core.errors import UserError
 from cpldm_core.load_data import hash_rank, training_sites
 from storage_schemas import columns as c
+from storage_schemas.artifacts import InputRef, LatentCache, VaeModel, fingerprint_of, read_record, write_record
 from storage_schemas.zarr_layouts import LATENTS
+
+from pipelines import site_reader
 
 log = logging.getLogger(__name__)
 
 STAGE_PREFIX = "ingest"
 #: Config keys that only choose resources: they may change between a run and its resumption.
-RESOURCE_KEYS = ("read_concurrency", "num_cpus_read", "encode_concurrency", "num_gpus", "num_cpus_encode", "batch_size")
-#: Illumination functions kept per reader (one plate's 5 arrays each).
-ILLUM_CACHE_PLATES = 4
+RESOURCE_KEYS = ("read_concurrency", "num_cpus_read", "encode_concurrency", "num_gpus", "num_cpus_encode", "batch_size",
+                 "max_plane_bytes")
 VAE_WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+#: A model-hub id (``owner/name``): the only form of ``--vae`` that may reach the network.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def stage_name(vae_id: str) -> str:
@@ -69,117 +72,96 @@ def sanitise_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", text.strip("/")).strip("-") or "vae"
 
 
-def resolve_vae(lake, vae: str, subfolder: str | None, vae_id: str = "") -> dict:
-    """Where the VAE comes from: ``{"vae_id", "kind": "lake"|"pretrained", "path", "subfolder"}``.
+def lake_vaes(lake) -> list[str]:
+    """Names of the VAEs in the lake (``vae/<name>/config.json``), sorted."""
+    return sorted(p.rsplit("/", 1)[-1] for p in lake.ls("vae") if lake.exists(f"{p}/config.json"))
 
-    ``vae`` names a VAE fitted into the lake (``vae/<vae>/config.json`` exists) or else a local diffusers
-    directory / model id for ``AutoencoderKL.from_pretrained``. ``vae_id`` defaults to the lake name, or to
-    the path/id made file-name safe (``stabilityai/sdxl-vae`` -> ``stabilityai--sdxl-vae``).
+
+def resolve_vae(lake, vae: str, subfolder: str | None, vae_id: str = "") -> dict:
+    """Where the VAE comes from: ``{"vae_id", "kind": "lake"|"local"|"hub", "path", "subfolder"}``. No network.
+
+    ``vae`` is, in this order: empty -> the lake's only VAE (an error listing them when there are several or
+    none); a name of a VAE in the lake (``vae/<vae>/``; ``lake:<name>`` forces it); a local diffusers
+    directory; a model-hub id ``owner/name`` (the only form that is downloaded, and only when loaded). A bare
+    name that is not in the lake is an error listing the lake's VAEs -- never a hub request. ``vae_id`` (the
+    cache name) defaults to the lake name, or to the path/id made file-name safe
+    (``stabilityai/sdxl-vae`` -> ``stabilityai--sdxl-vae``).
     """
+    vae = (vae or "").strip()
     if not vae:
-        raise UserError("no VAE given: pass --vae (a fitted VAE name in the lake, a path or a model id)")
-    rel = f"vae/{vae}"
-    if "/" not in vae.strip("/") and lake.exists(f"{rel}/config.json"):
-        return {"vae_id": vae_id or vae, "kind": "lake", "path": rel, "subfolder": None}
-    name = os.path.basename(vae.rstrip("/")) if os.path.isdir(vae) else vae
-    default_id = sanitise_id(name + (f"--{subfolder}" if subfolder else ""))
-    return {"vae_id": vae_id or default_id, "kind": "pretrained", "path": vae, "subfolder": subfolder}
+        found = lake_vaes(lake)
+        if len(found) != 1:
+            raise UserError(f"ingest: no VAE given and {lake.uri_of('vae')} holds "
+                            f"{', '.join(found) if found else 'none'}: pass --vae <lake name>, a diffusers directory "
+                            "or a hub id (stabilityai/sdxl-vae)" + ("" if found else ", or run `cpldm fit-vae` first"))
+        vae = found[0]
+    name = vae[len("lake:"):] if vae.startswith("lake:") else vae
+    if vae.startswith("lake:") or ("/" not in vae.strip("/") and not os.path.isdir(vae)):
+        if not lake.exists(f"vae/{name}/config.json"):
+            found = lake_vaes(lake)
+            raise UserError(f"ingest: no VAE '{name}' in {lake.uri_of('vae')} (it holds "
+                            f"{', '.join(found) if found else 'none'}); run `cpldm fit-vae --vae-id {name}`, pass "
+                            "--vae with one of those, or a hub id (owner/name)")
+        return {"vae_id": vae_id or name, "kind": "lake", "path": f"vae/{name}", "subfolder": None}
+    if os.path.isdir(vae):
+        path = os.path.abspath(vae)
+        default_id = sanitise_id(os.path.basename(path.rstrip("/")) + (f"--{subfolder}" if subfolder else ""))
+        return {"vae_id": vae_id or default_id, "kind": "local", "path": path, "subfolder": subfolder}
+    if HUB_ID.fullmatch(vae):
+        return {"vae_id": vae_id or sanitise_id(vae + (f"--{subfolder}" if subfolder else "")), "kind": "hub",
+                "path": vae, "subfolder": subfolder}
+    raise UserError(f"ingest: --vae {vae!r} is not a VAE in the lake, not a directory and not a hub id (owner/name)")
+
+
+def vae_ref(lake, source: dict) -> InputRef:
+    """The VAE as an input of the latent cache: a lake VAE's own VaeModel record (an error naming
+    `cpldm fit-vae` when it has none); a directory or hub VAE by its location."""
+    if source["kind"] == "lake":
+        name = source["path"].split("/", 1)[1]
+        return read_record(lake, source["path"], VaeModel, name).ref()
+    return InputRef(kind="VaeModel", id=source["vae_id"],
+                    fingerprint=fingerprint_of({k: source[k] for k in ("kind", "path", "subfolder")}))
 
 
 def load_autoencoder(lake, source: dict, groups):
-    """``ChannelGroupAutoencoder`` from a :func:`resolve_vae` result (lake VAEs on S3 are copied to a tmp dir)."""
+    """``ChannelGroupAutoencoder`` from a :func:`resolve_vae` result (lake VAEs on S3 are copied to a tmp dir).
+
+    Only a ``hub`` source may download; lake and directory VAEs load with ``local_files_only``.
+    """
     from cpldm_core.autoencoder import ChannelGroupAutoencoder
 
-    if source["kind"] == "pretrained":
-        return ChannelGroupAutoencoder.from_pretrained(source["path"], subfolder=source["subfolder"], groups=groups)
+    if source["kind"] != "lake":
+        return ChannelGroupAutoencoder.from_pretrained(source["path"], subfolder=source["subfolder"], groups=groups,
+                                                       local_files_only=source["kind"] == "local")
     if not lake.is_s3:
-        return ChannelGroupAutoencoder.from_pretrained(lake.fs_path(source["path"]), groups=groups)
+        return ChannelGroupAutoencoder.from_pretrained(lake.fs_path(source["path"]), groups=groups,
+                                                       local_files_only=True)
     with tempfile.TemporaryDirectory(prefix="cpldm-vae-") as tmp:
         for name in VAE_WEIGHT_FILES:
             if lake.exists(f"{source['path']}/{name}"):
                 with open(os.path.join(tmp, name), "wb") as fh:
                     fh.write(lake.read_bytes(f"{source['path']}/{name}"))
-        return ChannelGroupAutoencoder.from_pretrained(tmp, groups=groups)
+        return ChannelGroupAutoencoder.from_pretrained(tmp, groups=groups, local_files_only=True)
 
 
 # ---------------------------------------------------------------------------------------------- reading
-class SiteReader:
-    """Reads sites (5 TIFFs + optional illumination functions) from local paths or S3.
+class SiteReader(site_reader.SiteReader):
+    """The shared site reader (:mod:`pipelines.site_reader`) plus ingest's normalisation and crops.
 
     Callable on a Ray Data numpy batch with ``URL_Orig<ch>``/``URL_Illum<ch>`` columns; also usable directly.
-    Holds one S3 client (requests for a batch's files go out concurrently) and a small illum cache.
     """
 
     def __init__(self, endpoint_url: str | None = None, illumination: str = "auto",
                  normalisation: dict | None = None, crop_mode: str = "centre", crop_size: int = 0,
-                 tile_grid: int = 2):
-        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+                 tile_grid: int = 2, max_plane_bytes: int = im.DEFAULT_MAX_PLANE_BYTES):
+        super().__init__(endpoint_url, max_plane_bytes=max_plane_bytes)
         self.illumination = illumination
         self.norm = im.Normalisation.from_dict(normalisation) if normalisation else None
         self.crop_mode, self.crop_size, self.tile_grid = crop_mode, crop_size, tile_grid
-        self._s3 = None
-        self._illum: OrderedDict = OrderedDict()
 
-    # -- bytes
-    def fetch(self, uris: list[str]) -> list[bytes | Exception]:
-        """Bytes of each URI (an exception object in place of a file that cannot be read)."""
-        out: list[bytes | Exception] = [b""] * len(uris)
-        s3_idx = [i for i, u in enumerate(uris) if u.startswith("s3://")]
-        for i, u in enumerate(uris):
-            if i in s3_idx:
-                continue
-            try:
-                with open(u[7:] if u.startswith("file://") else u, "rb") as fh:
-                    out[i] = fh.read()
-            except OSError as exc:
-                out[i] = exc
-        if s3_idx:
-            if self._s3 is None:
-                from pipelines.storage import s3_filesystem
-                self._s3 = s3_filesystem(self.endpoint_url)
-            paths = [uris[i][5:] for i in s3_idx]
-            got = self._s3.cat(paths, on_error="return")
-            for i, p in zip(s3_idx, paths):
-                out[i] = got.get(p, FileNotFoundError(p))
-        return out
-
-    def illum_for(self, urls: tuple[str, ...]) -> np.ndarray:
-        if urls not in self._illum:
-            arrays = []
-            for u, data in zip(urls, self.fetch(list(urls))):
-                if isinstance(data, Exception):
-                    raise im.ImageError(f"{u}: cannot read illumination function ({type(data).__name__}: {data})")
-                try:
-                    arrays.append(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
-                except Exception as exc:
-                    raise im.ImageError(f"{u}: not a .npy illumination function ({exc})") from None
-            self._illum[urls] = np.stack(arrays)
-            while len(self._illum) > ILLUM_CACHE_PLATES:
-                self._illum.popitem(last=False)
-        return self._illum[urls]
-
-    # -- sites
     def read_sites(self, rows: list[dict]) -> list[np.ndarray | im.ImageError]:
         """Each row -> ``(5, H, W) float32`` grey levels (illumination-corrected) or the ImageError why not."""
-        uris = [str(r[f"URL_Orig{ch}"]) for r in rows for ch in c.CHANNELS]
-        blobs = self.fetch(uris)
-        out: list = []
-        for k, r in enumerate(rows):
-            try:
-                chans = []
-                for j, ch in enumerate(c.CHANNELS):
-                    data, uri = blobs[5 * k + j], uris[5 * k + j]
-                    if isinstance(data, Exception):
-                        raise im.ImageError(f"{uri}: cannot read ({type(data).__name__}: {data})")
-                    chans.append(im.decode_tiff(data, uri))
-                img = im.stack_channels(chans, list(c.CHANNELS)).astype(np.float32)
-                illum = tuple(str(r.get(f"URL_Illum{ch}") or "") for ch in c.CHANNELS)
-                if self.illumination == "auto" and all(illum):
-                    img = im.apply_illumination(img, self.illum_for(illum))
-                out.append(img)
-            except im.ImageError as exc:
-                out.append(exc)
-        return out
+        return super().read_sites(rows, self.illumination)
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data batch of sites -> one row per crop: order, unit, site key, crop, ok, reason, image."""
@@ -226,11 +208,12 @@ def stats_sample(train: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def compute_normalisation(lake, sample: pd.DataFrame, illumination: str, low_pct: float, high_pct: float,
-                          concurrency: int = 2) -> im.Normalisation:
+                          concurrency: int = 2, max_plane_bytes: int = im.DEFAULT_MAX_PLANE_BYTES
+                          ) -> im.Normalisation:
     """Global per-channel robust percentiles over ``sample`` sites (read in Ray tasks; unreadable skipped)."""
     import ray
 
-    reader_args = dict(endpoint_url=lake.endpoint_url, illumination=illumination)
+    reader_args = dict(endpoint_url=lake.endpoint_url, illumination=illumination, max_plane_bytes=max_plane_bytes)
 
     @ray.remote(num_cpus=1)
     def pixels(rows):
@@ -345,6 +328,40 @@ def select_sites(lake, subset: str) -> pd.DataFrame:
                           lake.read_named("split_batches").to_pandas())
 
 
+def latent_cache_record(config: im.IngestConfig, source: dict, vae: InputRef, groups, per_site: int,
+                        plan: pd.DataFrame, sites: pd.DataFrame) -> LatentCache:
+    """The LatentCache record asked for by ``config`` (outputs -- normalisation, scaling -- still unset).
+
+    Its fingerprint covers the science config (resources apart), the VAE's fingerprint and the catalog's:
+    the planned plates' row blocks and every planned site key, in order.
+    """
+    import hashlib
+
+    from cpldm_core.autoencoder import DOWNSAMPLE, LATENT_CHANNELS_PER_GROUP
+    from pipelines.storage import code_version
+
+    cfg = config_to_dict(config)
+    keys = hashlib.sha256("\n".join(sites["Metadata_SiteKey"].astype(str)).encode()).hexdigest()
+    catalog = fingerprint_of({"plan": plan[["unit", "offset", "rows", "sites"]].to_dict("list"), "site_keys": keys})
+    side = config.crop_size // DOWNSAMPLE
+    location = f"lake:{source['path']}" if source["kind"] == "lake" else f"{source['kind']}:{source['path']}"
+    return LatentCache(
+        id=source["vae_id"], inputs={"vae": vae, "catalog": InputRef(kind="Catalog", id="sites", fingerprint=catalog)},
+        vae_id=vae.id, vae_location=location, vae_subfolder=source["subfolder"], channels=tuple(c.CHANNELS),
+        channel_groups=tuple(tuple(g) for g in groups), illumination=config.illumination,
+        normalisation_method=im.NORMALISATION_METHOD, low_percentile=config.low_percentile,
+        high_percentile=config.high_percentile, crop_mode=config.crop_mode, crop_size=config.crop_size,
+        tile_grid=config.tile_grid, crops_per_site=per_site,
+        latent_shape=(LATENT_CHANNELS_PER_GROUP * len(groups), side, side),
+        config={k: v for k, v in cfg.items() if k not in RESOURCE_KEYS and k != "vae_id"},
+        resources={k: cfg[k] for k in RESOURCE_KEYS if k in cfg}, code_version=code_version())
+
+
+def read_latent_cache(lake, vae_id: str) -> LatentCache:
+    """The record of ``latents/<vae_id>/`` (one-line error naming `cpldm ingest` when it is missing or older)."""
+    return read_record(lake, f"latents/{vae_id}", LatentCache, vae_id)
+
+
 def run(lake, config: im.IngestConfig, units: list[str] | None = None, max_units: int | None = None,
         force: bool = False) -> dict:
     """Encode the catalogued sites into ``latents/<vae_id>/``; committed plates are skipped.
@@ -365,7 +382,9 @@ def run(lake, config: im.IngestConfig, units: list[str] | None = None, max_units
     groups = check_groups(config.channel_groups)
     source = resolve_vae(lake, config.vae, config.vae_subfolder, config.vae_id)
     vae_id = source["vae_id"]
-    config = replace(config, vae_id=vae_id)
+    # the recorded config names the VAE actually used, also when it was found as the lake's only one
+    config = replace(config, vae_id=vae_id, vae=source["path"].split("/", 1)[1] if source["kind"] == "lake"
+                     else source["path"])
     stage, base = stage_name(vae_id), f"latents/{vae_id}"
     sites = select_sites(lake, config.subset)
     if sites.empty:
@@ -374,25 +393,28 @@ def run(lake, config: im.IngestConfig, units: list[str] | None = None, max_units
     plan = plan_units(sites, per_site, config.rows_per_shard)
     sites = sites.merge(plan[["Metadata_Source", "Metadata_Batch", "Metadata_Plate", "unit"]], how="left")
     sites["order"] = np.arange(len(sites))
-    fingerprint = {"config": {k: v for k, v in config_to_dict(config).items() if k not in RESOURCE_KEYS},
-                   "vae": source, "plan": plan[["unit", "offset", "rows", "sites"]].to_dict("list")}
+    planned = latent_cache_record(config, source, vae_ref(lake, source), groups, per_site, plan, sites)
     if force:
         lake.reset_stage(stage)
     done = lake.committed_units(stage)
     if done:
-        state = lake.read_json(f"{base}/ingest_state.json") if lake.exists(f"{base}/ingest_state.json") else None
-        if state != json.loads(json.dumps(fingerprint, default=str)):
-            raise UserError(f"{lake.uri_of(base)} was made with another config, VAE or catalog; rerun with --force "
-                            "to rebuild it, or pass --set vae_id=<new name>")
+        # one rule: other science fields (config, VAE, catalog) -> refuse to mix caches; resources may differ
+        stored = read_record(lake, base, LatentCache, vae_id)
+        if stored.fingerprint != planned.fingerprint:
+            raise UserError(f"{lake.uri_of(base)} was made with another config, VAE or catalog "
+                            f"({', '.join(planned.changed_fields(stored))} differ); rerun with --force to rebuild "
+                            "it, or pass --vae-id <new name>")
         norm = im.Normalisation.from_dict(lake.read_json(f"{base}/normalisation.json"))
     else:
         train = select_sites(lake, "train") if config.subset != "train" else sites
         sample = stats_sample(train, config.stats_sites, config.seed)
         norm = compute_normalisation(lake, sample, config.illumination, config.low_percentile,
-                                     config.high_percentile, config.read_concurrency)
+                                     config.high_percentile, config.read_concurrency, config.max_plane_bytes)
         log.info("ingest: normalisation over %d sites: low=%s high=%s", norm.n_sites,
                  np.round(norm.low, 1).tolist(), np.round(norm.high, 1).tolist())
         model = load_autoencoder(lake, source, groups)
+        record = replace(planned, normalisation_low=tuple(norm.low), normalisation_high=tuple(norm.high),
+                         normalisation_sites=int(norm.n_sites), scaling_factor=model.scaling_factor)
         attrs = {"vae_id": vae_id, "scaling_factor": model.scaling_factor,
                  "channel_groups": [list(g) for g in groups], "channels": list(c.CHANNELS),
                  "normalisation": norm.to_dict(), "config": config_to_dict(config), "vae_source": source,
@@ -402,8 +424,8 @@ def run(lake, config: im.IngestConfig, units: list[str] | None = None, max_units
         del model
         create_latents(lake, vae_id, int(plan["rows"].sum()), config.crop_size // 8, config.rows_per_shard, attrs)
         lake.write_json(f"{base}/normalisation.json", norm.to_dict())
-        lake.write_json(f"{base}/ingest_state.json", fingerprint)
         lake.write_config(base, config, extra={"vae_source": source})
+        write_record(lake, base, record)
 
     todo_units = [u for u in plan["unit"] if u not in done and (units is None or u in set(units))]
     if max_units is not None:
@@ -427,7 +449,8 @@ def run(lake, config: im.IngestConfig, units: list[str] | None = None, max_units
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * config.read_concurrency)))
             ds = ds.map_batches(SiteReader, fn_constructor_kwargs=dict(
                 endpoint_url=lake.endpoint_url, illumination=config.illumination, normalisation=norm.to_dict(),
-                crop_mode=config.crop_mode, crop_size=config.crop_size, tile_grid=config.tile_grid),
+                crop_mode=config.crop_mode, crop_size=config.crop_size, tile_grid=config.tile_grid,
+                max_plane_bytes=config.max_plane_bytes),
                 compute=ray.data.ActorPoolStrategy(size=config.read_concurrency), num_cpus=config.num_cpus_read,
                 batch_size=max(1, config.batch_size // per_site), batch_format="numpy")
             ds = ds.map_batches(Encoder, fn_constructor_kwargs=dict(
@@ -460,14 +483,15 @@ def read_normalisation(lake, vae_id: str) -> im.Normalisation:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> None:
-    from pipelines.cli import add_config_arguments
+    from pipelines.cli import add_config_arguments, lake_name
 
     p = subparsers.add_parser("ingest", help="TIFFs -> normalised crops -> channel-group VAE latents (Zarr)",
                               description=__doc__.split("\n")[0])
     add_config_arguments(p, im.INGEST_PRESETS, im.IngestConfig)
     p.add_argument("--vae", default=None, help="fitted VAE name in the lake, a diffusers directory or a model id")
     p.add_argument("--vae-subfolder", default=None, help="subfolder for from_pretrained (e.g. vae)")
-    p.add_argument("--vae-id", default=None, help="name of the latent cache (default: derived from --vae)")
+    p.add_argument("--vae-id", default=None, type=lake_name,
+                   help="name of the latent cache (default: derived from --vae)")
     p.add_argument("--plates", default=None, help="comma-separated plate units to do (default: all)")
     p.add_argument("--max-plates", type=int, default=None, help="stop after this many new plates")
     p.add_argument("--force", action="store_true", help="forget committed plates and rebuild")
@@ -487,4 +511,5 @@ def _main(args: argparse.Namespace) -> int:
 
 
 __all__ = ["run", "add_parser", "SiteReader", "Encoder", "resolve_vae", "load_autoencoder", "plan_units",
+           "lake_vaes", "vae_ref", "latent_cache_record", "read_latent_cache",
            "read_normalisation", "compute_normalisation", "stats_sample"]

@@ -11,15 +11,16 @@ from pipelines.storage import Lake
 
 
 def table_files(lake: Lake, name: str) -> list[str]:
-    """Lake-relative Parquet files of table ``name`` (one for file tables, the parts for directory tables)."""
+    """Lake-relative Parquet files of table ``name`` (one for file tables, the parts for directory tables).
+
+    Unfinished writes and files reached through symbolic links are not part of a table (:meth:`Lake.data_files`).
+    """
     spec = storage_schemas.table_spec(name)
     if not spec.is_directory:
-        return [spec.path] if lake.exists(spec.path) else []
+        return [spec.path] if lake.exists(spec.path) and not lake.is_linked(spec.path) else []
     depth = len(spec.partitioning)
     files = []
-    for rel in lake.ls(spec.path, recursive=True):
-        if not rel.endswith(".parquet"):
-            continue
+    for rel in lake.data_files(spec.path):
         inner = posixpath.relpath(rel, spec.path).split("/")
         if len(inner) == depth + 1 and all("=" in d for d in inner[:-1]):
             files.append(rel)
@@ -29,29 +30,54 @@ def table_files(lake: Lake, name: str) -> list[str]:
 def validate_lake(lake: Lake) -> dict[str, list[str]]:
     """Every problem of every table in the lake, per table (``{}`` when the lake is valid).
 
-    Reads each file's schema and data (nulls in non-nullable columns) and checks the schema version stored in
-    its metadata.
+    Streams: one file at a time, and of each file its footer (schema, schema version in the metadata, and the
+    per-row-group null counts of the non-nullable columns); only a column whose footer has no null count is
+    read, batch by batch. Memory is one footer (or one batch of one column), whatever the table's size.
     """
     found: dict[str, list[str]] = {}
     for name in sorted(storage_schemas.TABLES):
         for rel in table_files(lake, name):
+            issues = validate_file(lake, rel, name)
+            if issues:
+                found.setdefault(name, []).extend(f"{rel}: {p}" for p in issues)
+    return found
+
+
+def validate_file(lake: Lake, rel: str, name: str) -> list[str]:
+    """Problems of one Parquet file of table ``name`` (see :func:`validate_lake`)."""
+    try:
+        with lake.fs.open(lake.fs_path(rel), "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            schema = pf.schema_arrow
             issues = []
-            try:
-                with lake.fs.open(lake.fs_path(rel), "rb") as fh:
-                    table = pq.read_table(fh)
-            except Exception as exc:  # unreadable file is itself a finding
-                found.setdefault(name, []).append(f"{rel}: not a readable Parquet file ({exc})")
-                continue
-            meta = table.schema.metadata or {}
-            version = meta.get(schema_spec.META_SCHEMA_VERSION)
+            version = (schema.metadata or {}).get(schema_spec.META_SCHEMA_VERSION)
             if version is None:
                 issues.append("no cpldm schema version in its metadata (not written by cpldm?)")
             elif version.decode() != storage_schemas.SCHEMA_VERSION:
                 issues.append(f"schema version {version.decode()}, this cpldm reads {storage_schemas.SCHEMA_VERSION}")
-            issues += storage_schemas.problems(table, name)
-            if issues:
-                found.setdefault(name, []).extend(f"{rel}: {p}" for p in issues)
-    return found
+            issues += storage_schemas.problems(schema, name)
+            for field in storage_schemas.table_spec(name).schema:
+                if field.nullable or field.name not in schema.names or any(field.name in i for i in issues):
+                    continue
+                nulls = _null_count(pf, field.name)
+                if nulls:
+                    issues.append(f"column '{field.name}' has {nulls} null value(s) but may not be null")
+            return issues
+    except Exception as exc:  # unreadable file is itself a finding
+        return [f"not a readable Parquet file ({exc})"]
+
+
+def _null_count(pf: "pq.ParquetFile", column: str) -> int:
+    """Nulls in a top-level column: from the row groups' statistics, else by reading that column in batches."""
+    meta = pf.metadata
+    leaf = [j for j in range(meta.num_columns) if meta.schema.column(j).path == column]
+    total = 0
+    for r in range(meta.num_row_groups):
+        stats = meta.row_group(r).column(leaf[0]).statistics if leaf else None
+        if stats is None or not stats.has_null_count:   # nested column or no statistics: read it
+            return sum(b.column(0).null_count for b in pf.iter_batches(batch_size=65536, columns=[column]))
+        total += stats.null_count
+    return total
 
 
 def _cmd_init(args) -> int:
@@ -98,7 +124,7 @@ def _cmd_validate(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("lake", help="create, list and validate a lake")
-    lake_sub = p.add_subparsers(dest="lake_command", metavar="<init|ls|validate>", required=True)
+    lake_sub = p.add_subparsers(dest="lake_command", metavar="<init|ls|validate|compact>", required=True)
     init = lake_sub.add_parser("init", help="create the lake root (and its S3 bucket with --create-bucket)")
     init.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist")
     init.set_defaults(func=_cmd_init)
@@ -107,3 +133,5 @@ def add_parser(sub) -> None:
     ls.set_defaults(func=_cmd_ls)
     val = lake_sub.add_parser("validate", help="check every table against its schema; report all problems")
     val.set_defaults(func=_cmd_validate)
+    from pipelines.compaction import add_parser as add_compact  # noqa: PLC0415  (compaction imports this module)
+    add_compact(lake_sub)

@@ -9,28 +9,29 @@ Recipe (one Ray Data execution per wave of units):
          rejects; then commit the unit
       -> features_treatment (mean over replicate wells / draws) recomputed from every committed well.
 
-``cpldm profile import FILE --dataset NAME`` brings JUMP/CellProfiler well-level profiles into the same tables.
+``cpldm profile import FILE --dataset NAME`` (:mod:`pipelines.profile_import`) brings CellProfiler / pycytominer /
+JUMP profiles into the same tables.
 """
 from __future__ import annotations
 
-import io
+import json
 import logging
 import re
 import time
-import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 import storage_schemas
+from cpldm_core.configuration import check_name, config_to_dict
 from cpldm_core.errors import UserError
 from cpldm_core.features import aggregate
 from cpldm_core.features.config import PRESETS, ProfileConfig
 from cpldm_core.features.site import feature_names, profile_site
-from pipelines.storage import Lake, open_uri
+from pipelines.site_reader import SiteReader
+from pipelines.storage import Lake
 from storage_schemas.columns import CHANNELS, DMSO_JCP2022
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 STAGE = "profile"
 #: Part (file stem) of the treatment table: recomputed whole from the committed wells after every run.
 TREATMENT_PART = "treatment"
-IMPORT_STAGE = "profile-import"
 
 #: Row kinds produced by :class:`SiteProfiler` (column ``Metadata_Level``).
 LEVEL_IMAGE, LEVEL_CELL, LEVEL_REJECT = "image", "cell", "reject"
@@ -78,6 +78,8 @@ def real_items(lake: Lake) -> pd.DataFrame:
 
 def synthetic_items(lake: Lake, run: str) -> pd.DataFrame:
     """One row per generated image of run ``run`` (``synthetic_manifest``) with its unit (generation block)."""
+    from cpldm_core.design import draw_plate
+
     path = f"{storage_schemas.table_spec('synthetic_manifest').path}/run={run}"
     if not lake.exists(path):
         raise UserError(f"dataset {run!r}: no synthetic_manifest at {lake.uri_of(path)}; "
@@ -88,48 +90,25 @@ def synthetic_items(lake: Lake, run: str) -> pd.DataFrame:
         compounds = lake.read_named("compounds", columns=["Metadata_JCP2022", "Metadata_pert_type"]).to_pandas()
         pert = dict(zip(compounds["Metadata_JCP2022"], compounds["Metadata_pert_type"]))
     jcp = manifest["Metadata_JCP2022"]
+    # each draw is a synthetic plate, normalised downstream against its own DMSO images; the dmso_per_draw
+    # DMSO images of a draw share its confounders, so their well rows are kept apart by Metadata_Draw =
+    # draw + N * replicate (draw = Metadata_Draw mod N; treatments have replicate 0, Metadata_Draw = draw)
+    draw = manifest["Metadata_Draw"].astype(np.int64)
+    replicate = (manifest["Metadata_Replicate"].astype(np.int64) if "Metadata_Replicate" in manifest
+                 else pd.Series(0, index=manifest.index, dtype=np.int64))
+    n_draws = int(lake.read_json(f"synthetic/{run}/config.json")["generation"]["draws"]) if replicate.any() else 0
     items = pd.DataFrame({
         "Metadata_SiteKey": [f"{run}/{int(r)}" for r in manifest["Metadata_ImageRow"]],
         "Metadata_Source": manifest["Metadata_Source"], "Metadata_Batch": manifest["Metadata_Batch"],
-        "Metadata_Plate": "synthetic", "Metadata_Well": manifest["Metadata_Well"], "Metadata_Site": 0,
+        "Metadata_Plate": [draw_plate(d) for d in draw], "Metadata_Well": manifest["Metadata_Well"],
+        "Metadata_Site": replicate + 1,
         "Metadata_JCP2022": jcp,
         "Metadata_pert_type": [pert.get(j) or ("negcon" if j == DMSO_JCP2022 else "trt") for j in jcp],
-        "Metadata_Draw": manifest["Metadata_Draw"].astype(np.int64),
+        "Metadata_Draw": draw + n_draws * replicate,
         "Metadata_ImageRow": manifest["Metadata_ImageRow"].astype(np.int64),
     })
     items["unit"] = [f"block-{int(b):06d}" for b in manifest["Metadata_Block"]]
     return items
-
-
-def read_site(row: dict, endpoint_url: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The five channel TIFFs of a real site as (5, H, W) uint16, plus its illumination functions when the
-    row names them (``URL_Illum*``, JUMP's .npy files) else None. Errors name the file and what is wrong."""
-    import tifffile
-
-    planes = []
-    for ch in CHANNELS:
-        url = row[f"URL_Orig{ch}"]
-        try:
-            with open_uri(url, endpoint_url) as fh:
-                plane = tifffile.imread(io.BytesIO(fh.read()))
-        except FileNotFoundError:
-            raise UserError(f"{url}: file not found (channel {ch})") from None
-        except Exception as exc:
-            raise UserError(f"{url}: cannot read as TIFF (channel {ch}): {type(exc).__name__}: {exc}") from None
-        if plane.ndim != 2:
-            raise UserError(f"{url}: expected a single 2-D plane, got shape {plane.shape}")
-        if planes and plane.shape != planes[0].shape:
-            raise UserError(f"{url}: shape {plane.shape} differs from the site's other channels {planes[0].shape}")
-        planes.append(plane.astype(np.uint16, copy=False) if plane.dtype != np.uint16 else plane)
-    illum = None
-    urls = [row.get(f"URL_Illum{ch}") or "" for ch in CHANNELS]
-    if all(urls):
-        layers = []
-        for url in urls:
-            with open_uri(url, endpoint_url) as fh:
-                layers.append(np.load(io.BytesIO(fh.read())).astype(np.float32))
-        illum = np.stack(layers)
-    return np.stack(planes), illum
 
 
 # ------------------------------------------------------------------------------------------------- Ray map
@@ -143,6 +122,8 @@ class SiteProfiler:
         self.lake, self.cfg, self.dataset = lake, cfg, dataset
         self.names = list(feature_names(cfg.features))
         self.images = None
+        # the one reader of real sites (ingest's too): uint16 checks, size limit, illumination functions
+        self.reader = SiteReader(lake.endpoint_url, max_plane_bytes=cfg.max_plane_bytes)
         if dataset != "real":
             import zarr
             store = lake.zarr_store(f"synthetic/{dataset}/images.zarr", read_only=True)
@@ -150,8 +131,12 @@ class SiteProfiler:
 
     def _load(self, row: dict) -> tuple[np.ndarray, np.ndarray | None]:
         if self.images is None:
-            raw, illum = read_site(row, self.lake.endpoint_url)
-            if self.cfg.segmentation.illumination == "files" and illum is None:
+            mode = self.cfg.segmentation.illumination
+            got = self.reader.read_raw([row], with_illumination=mode in ("auto", "files"))[0]
+            if isinstance(got, Exception):
+                raise got
+            raw, illum = got
+            if mode == "files" and illum is None:
                 raise UserError("segmentation.illumination=files but the site has no URL_Illum* columns")
             return raw, illum
         index = int(row["Metadata_ImageRow"])
@@ -267,32 +252,74 @@ def run(lake: Lake, config: ProfileConfig | None = None, dataset: str | None = N
         max_units: int | None = None) -> dict:
     """Profile every uncommitted unit of ``dataset`` (default ``config.dataset``); returns summary counts.
 
-    ``max_units`` stops after that many units (used to test resumption; a rerun finishes the rest).
+    ``max_units`` stops after that many units (used to test resumption; a rerun finishes the rest). Units are
+    claimed (:meth:`Lake.claim_unit`) before they are measured, so concurrent runs split the work; a resumed run
+    whose science config differs from the committed units' is refused (:func:`check_resume`).
     """
-    from tqdm import tqdm
-
-    from pipelines.ray_runtime import ensure_ray
-
     cfg = config or PRESETS["demo"]
     dataset = dataset or cfg.dataset
     cfg = replace(cfg, dataset=dataset)
-    if dataset != _safe(dataset):
-        raise UserError(f"dataset name {dataset!r} may hold only letters, digits, '_', '.', '-'")
+    check_name(dataset, "dataset")
     t0 = time.time()
     items = real_items(lake) if dataset == "real" else synthetic_items(lake, dataset)
-    done = lake.committed_units(marker_stage(dataset))
+    stage = marker_stage(dataset)
+    done = lake.committed_units(stage)
+    check_resume(lake, cfg, dataset, done)
     units = sorted(set(items["unit"]))
-    todo = [u for u in units if u not in done]
-    if max_units is not None:
-        todo = todo[:max_units]
-    log.info("profile %s: %d units (%d sites), %d already committed, %d to do", dataset, len(units), len(items),
-             len(units) - len(todo), len(todo))
+    # claim units one by one: a second run started on the same dataset takes the units this one has not
+    todo, busy = [], []
+    for unit in units:
+        if unit in done or (max_units is not None and len(todo) >= max_units):
+            continue
+        (todo if lake.claim_unit(stage, unit) else busy).append(unit)
+    log.info("profile %s: %d units (%d sites), %d already committed, %d claimed by another run, %d to do", dataset,
+             len(units), len(items), len(set(units) & done), len(busy), len(todo))
     lake.write_config(f"features/_config/{dataset}", cfg)
     names = list(feature_names(cfg.features))
     totals = {"sites": 0, "images": 0, "rejected": 0, "wells": 0, "cells": 0, "flagged": 0, "single_cells": 0}
+    try:
+        _profile_units(lake, cfg, dataset, items, todo, names, totals)
+    finally:
+        for unit in todo:  # committed or not: a rerun (or another run) may take what this one left
+            lake.release_unit(stage, unit)
+    treatments = write_treatments(lake, dataset, config=cfg) if (todo or done) else 0
+    summary = {"dataset": dataset, "units": len(units), "units_done_now": len(todo),
+               "units_skipped": len(set(units) & done), "units_busy": len(busy),
+               **totals, "treatments": treatments, "features": len(names), "seconds": round(time.time() - t0, 2)}
+    log.info("profile %s: %s", dataset, summary)
+    return summary
+
+
+#: ProfileConfig keys that only choose resources or limits: a resumed run may change them.
+RESOURCE_KEYS = ("dataset", "workers", "num_cpus_per_worker", "batch_size", "units_per_wave", "max_plane_bytes")
+
+
+def check_resume(lake: Lake, cfg: ProfileConfig, dataset: str, done: set[str]) -> None:
+    """Refuse to add units made with another science config to a dataset's committed ones (like ``train``)."""
+    rel = f"features/_config/{dataset}/config.json"
+    if not done or not lake.exists(rel):
+        return
+    old = {k: v for k, v in lake.read_json(rel).get("config", {}).items() if k not in RESOURCE_KEYS}
+    new = {k: v for k, v in json.loads(json.dumps(config_to_dict(cfg))).items() if k not in RESOURCE_KEYS}
+    if old != new:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise UserError(f"profile --dataset {dataset}: {len(done)} unit(s) were profiled with another config "
+                        f"(changed: {', '.join(changed)}); rerun with --reset to redo the dataset with this config, "
+                        "or use the config it was made with")
+
+
+def _profile_units(lake: Lake, cfg: ProfileConfig, dataset: str, items: pd.DataFrame, todo: list[str],
+                   names: list[str], totals: dict) -> None:
+    """Measure the ``todo`` units in waves of ``cfg.units_per_wave`` and commit each; adds counts to ``totals``."""
+    from tqdm import tqdm
+
+    from pipelines import progress
+    from pipelines.ray_runtime import ensure_ray
+
     if todo:
         ray = ensure_ray()
-        bar = tqdm(total=len(todo), desc=f"profile {dataset}", unit="unit")
+        bar = tqdm(total=len(todo), desc=f"profile {dataset}", unit="unit", disable=progress.active())
+        progress.report(0, len(todo))  # the demo's step line (a no-op outside the demo)
         for start in range(0, len(todo), cfg.units_per_wave):
             wave = todo[start:start + cfg.units_per_wave]
             batch = items[items["unit"].isin(wave)]
@@ -310,111 +337,8 @@ def run(lake: Lake, config: ProfileConfig | None = None, dataset: str | None = N
                 for k, v in counts.items():
                     totals[k] += v
                 bar.update(1)
+                progress.report(advance=1)
         bar.close()
-    treatments = write_treatments(lake, dataset, config=cfg) if (todo or done) else 0
-    summary = {"dataset": dataset, "units": len(units), "units_done_now": len(todo),
-               "units_skipped": len(set(units) & done),
-               **totals, "treatments": treatments, "features": len(names), "seconds": round(time.time() - t0, 2)}
-    log.info("profile %s: %s", dataset, summary)
-    return summary
-
-
-# ------------------------------------------------------------------------------------------------- import
-#: JUMP well-level metadata columns renamed to the lake's spelling.
-IMPORT_RENAMES = {"Metadata_Site_Count": "Metadata_SiteCount"}
-REQUIRED_WELL_META = ("Metadata_Source", "Metadata_Batch", "Metadata_Plate", "Metadata_Well", "Metadata_JCP2022")
-
-
-def import_profiles(lake: Lake, path: str, dataset: str, metadata: dict[str, str] | None = None,
-                    metadata_dir: str | None = None) -> dict:
-    """Bring JUMP/CellProfiler well-level profiles (CSV or Parquet, JUMP column names) into ``features_well``
-    (part ``import-<file stem>``) and recompute ``features_treatment`` of ``dataset``.
-
-    Metadata the file lacks is filled, in order, from the lake's ``sites`` table (by plate and well), from JUMP
-    metadata files in ``metadata_dir`` (``plate.csv.gz``, ``well.csv.gz``, ``perturbation_control.csv``) and
-    from constant ``metadata`` values (``{"Metadata_Source": "source_4"}``). Non-feature columns JUMP adds
-    (``Metadata_Object_Count``...) are dropped; feature columns are cast to float32.
-    """
-    if dataset != _safe(dataset):
-        raise UserError(f"dataset name {dataset!r} may hold only letters, digits, '_', '.', '-'")
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{path}: file not found")
-    try:
-        frame = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, low_memory=False)
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read as {'Parquet' if p.suffix == '.parquet' else 'CSV'}: {exc}") from None
-    frame = frame.rename(columns=IMPORT_RENAMES)
-    with warnings.catch_warnings():
-        # metadata is added column by column to a ~6,000-column frame: pandas' fragmentation warning is noise
-        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
-        return _import_frame(lake, frame, p, dataset, metadata, metadata_dir)
-
-
-def _import_frame(lake: Lake, frame: pd.DataFrame, p: Path, dataset: str, metadata: dict[str, str] | None,
-                  metadata_dir: str | None) -> dict:
-    path = str(p)
-    for key in ("Metadata_Plate", "Metadata_Well"):
-        if key not in frame:
-            raise UserError(f"{path}: column {key} is missing (JUMP well-level profiles have it)")
-        frame[key] = frame[key].astype(str)
-    names = [c for c in aggregate.feature_columns(frame) if pd.api.types.is_numeric_dtype(frame[c])]
-    if not names:
-        raise UserError(f"{path}: no CellProfiler feature columns (Cells_*, Nuclei_*, Cytoplasm_*)")
-    if lake.exists(storage_schemas.table_spec("sites").path):
-        sites = lake.read_named("sites").to_pandas()
-        known = sites.drop_duplicates(["Metadata_Plate", "Metadata_Well"])[
-            ["Metadata_Plate", "Metadata_Well", "Metadata_Source", "Metadata_Batch", "Metadata_JCP2022",
-             "Metadata_pert_type"]]
-        frame = _fill(frame, known, ["Metadata_Plate", "Metadata_Well"])
-    if metadata_dir:
-        d = Path(metadata_dir)
-        if (d / "plate.csv.gz").exists():
-            frame = _fill(frame, pd.read_csv(d / "plate.csv.gz", dtype=str)[
-                ["Metadata_Plate", "Metadata_Source", "Metadata_Batch"]], ["Metadata_Plate"])
-        wells = sorted(d.glob("well*.csv.gz"))
-        if wells:
-            frame = _fill(frame, pd.read_csv(wells[0], dtype=str)[["Metadata_Plate", "Metadata_Well",
-                                                                    "Metadata_JCP2022"]],
-                          ["Metadata_Plate", "Metadata_Well"])
-        if (d / "perturbation_control.csv").exists():
-            frame = _fill(frame, pd.read_csv(d / "perturbation_control.csv", dtype=str)[
-                ["Metadata_JCP2022", "Metadata_pert_type"]], ["Metadata_JCP2022"])
-    for key, value in (metadata or {}).items():
-        if key not in (*REQUIRED_WELL_META, "Metadata_pert_type"):
-            raise UserError(f"--meta {key}=...: only {', '.join((*REQUIRED_WELL_META, 'Metadata_pert_type'))}")
-        frame[key] = frame[key].fillna(value) if key in frame else value
-    missing = [k for k in REQUIRED_WELL_META if k not in frame or frame[k].isna().any()]
-    if missing:
-        raise UserError(f"{path}: cannot determine {', '.join(missing)} for every well; give them with "
-                        f"--meta KEY=VALUE or a JUMP metadata folder with --metadata-dir")
-    if "Metadata_pert_type" not in frame:
-        frame["Metadata_pert_type"] = np.where(frame["Metadata_JCP2022"] == DMSO_JCP2022, "negcon", "trt")
-    if "Metadata_SiteCount" not in frame:
-        frame["Metadata_SiteCount"] = 1
-    frame["Metadata_Draw"] = NO_DRAW
-    part = _safe(f"import-{p.stem}")
-    lake.write_named("features_well", _to_arrow(frame, "features_well", names), part=part,
-                     partition={"dataset": dataset}, config={"imported_from": str(p)})
-    lake.commit_unit(f"{IMPORT_STAGE}-{dataset}", part, {"wells": len(frame), "file": str(p)})
-    treatments = write_treatments(lake, dataset, config={"imported_from": str(p)})
-    kept = set(names) | set(storage_schemas.table_spec("features_well").schema.names)
-    return {"dataset": dataset, "wells": int(len(frame)), "features": len(names), "treatments": treatments,
-            "dropped_columns": [c for c in frame.columns if c not in kept]}
-
-
-def _fill(frame: pd.DataFrame, lookup: pd.DataFrame, on: list[str]) -> pd.DataFrame:
-    """Fill missing/NaN metadata columns of ``frame`` from ``lookup`` joined on ``on`` (never overwrite)."""
-    lookup = lookup.drop_duplicates(on)
-    merged = frame[on].merge(lookup, on=on, how="left")
-    for col in lookup.columns:
-        if col in on:
-            continue
-        if col in frame:
-            frame[col] = frame[col].where(frame[col].notna(), merged[col].to_numpy())
-        else:
-            frame[col] = merged[col].to_numpy()
-    return frame
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -435,31 +359,22 @@ def _cmd_profile(args) -> int:
     from pipelines.cli import lake_from_args
 
     lake = lake_from_args(args)
-    if getattr(args, "profile_command", None) == "import":
-        meta = dict(_key_value(kv) for kv in args.meta or [])
-        summary = import_profiles(lake, args.file, args.dataset, metadata=meta, metadata_dir=args.metadata_dir)
-    else:
-        cfg = load_profile_config(args)
-        if args.reset:
-            lake.reset_stage(marker_stage(cfg.dataset))
-        summary = run(lake, cfg)
+    cfg = load_profile_config(args)
+    if args.reset:
+        lake.reset_stage(marker_stage(cfg.dataset))
+    summary = run(lake, cfg)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise UserError(f"--meta {text!r} must look like KEY=VALUE")
-    key, value = text.split("=", 1)
-    return key.strip(), value
-
-
 def add_parser(sub) -> None:
+    from cpldm_core.configuration import lake_name
     from pipelines.cli import add_config_arguments
 
     parser = sub.add_parser("profile", help="segment images and extract CellProfiler-style features into Parquet",
                             description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="real", help="'real' (catalog sites) or a synthetic generation run")
+    parser.add_argument("--dataset", default="real", type=lake_name,
+                        help="'real' (catalog sites) or a synthetic generation run")
     add_config_arguments(parser, PRESETS, ProfileConfig)
     parser.add_argument("--feature-set", choices=("default", "full"), default=None)
     parser.add_argument("--single-cell", action="store_true", help="also write features_single_cell")
@@ -467,11 +382,5 @@ def add_parser(sub) -> None:
     parser.add_argument("--reset", action="store_true", help="forget committed units and redo the dataset")
     parser.set_defaults(func=_cmd_profile, profile_command=None)
     inner = parser.add_subparsers(dest="profile_command", metavar="[import]")
-    imp = inner.add_parser("import", help="import JUMP/CellProfiler well-level profiles (CSV/Parquet)")
-    imp.add_argument("file", help="CSV or Parquet with JUMP column names")
-    imp.add_argument("--dataset", required=True, help="dataset name the profiles are filed under")
-    imp.add_argument("--meta", action="append", metavar="KEY=VALUE",
-                     help="constant metadata for columns the file lacks (e.g. Metadata_Source=source_4)")
-    imp.add_argument("--metadata-dir", default=None,
-                     help="JUMP metadata folder (plate.csv.gz, well*.csv.gz, perturbation_control.csv)")
-    imp.set_defaults(func=_cmd_profile, profile_command="import")
+    from pipelines.profile_import import add_import_parser  # after this module: it builds on _to_arrow & co.
+    add_import_parser(inner)

@@ -1,10 +1,11 @@
 """``cpldm simulate``: write a simulated JUMP-shaped lake (cpg0016 layout) with a known causal structure.
 
-Recipe: build the world in the driver (pure, deterministic) -> write metadata, annotations and ground truth
--> one Ray task per plate renders its sites and writes TIFFs + load_data.csv straight to the lake, then
-commits the plate (``lake.commit_unit("simulate", plate)``). A rerun skips committed plates; a plate without
-a marker is redone from scratch and overwrites its partial files, so a killed run resumed gives exactly the
-files of an uninterrupted one.
+Recipe: build the world in the driver (pure, deterministic) -> write metadata, annotations, ground truth and
+the positivity statistics of the plate maps -> one Ray task per plate renders its sites and writes TIFFs +
+load_data.csv straight to the lake, then commits the plate (``lake.commit_unit("simulate", plate)``). A rerun
+skips committed plates; a plate without a marker is redone from scratch and overwrites its partial files, so a
+killed run resumed gives exactly the files of an uninterrupted one. :func:`load_world` rebuilds the world of a
+simulated lake (for the oracle renderer, :func:`cpldm_core.simulate.oracle.render_condition`).
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from cpldm_core.configuration import config_to_dict
 from cpldm_core.errors import UserError
 from cpldm_core.simulate import layout
 from cpldm_core.simulate.config import PRESETS, SCENARIOS, SimulationConfig, simulation_config
-from cpldm_core.simulate.render import false_colour, montage, render_world_site
-from cpldm_core.simulate.world import PHENOTYPE_GAIN, PHENOTYPES, World, build_world
+from cpldm_core.simulate.oracle import render_world_site
+from cpldm_core.simulate.render import false_colour, montage
+from cpldm_core.simulate.world import (PHENOTYPE_GAIN, PHENOTYPES, World, build_world, positivity_statistics,
+                                       world_from_config_dict)
 from storage_schemas.columns import CHANNELS, DMSO_JCP2022
 
 log = logging.getLogger(__name__)
@@ -122,13 +125,37 @@ def metadata_tables(world: World) -> dict[str, pd.DataFrame]:
 
 
 def simulation_record(world: World) -> dict:
-    """Content of ``raw/simulation.json``: the config plus what a reader needs to interpret the truth."""
+    """Content of ``raw/simulation.json``: the config (from which :func:`load_world` rebuilds the world) plus
+    what a reader needs to interpret the truth, and the positivity statistics."""
     cfg = world.config
     return {"config": config_to_dict(cfg), "preset": cfg.preset, "seed": cfg.seed, "scenario": cfg.scenario,
             "image_size": cfg.image_size, "channels": list(CHANNELS), "phenotypes": list(PHENOTYPES),
             "phenotype_gain": PHENOTYPE_GAIN, "n_plates": len(world.plates), "n_wells": len(world.wells),
             "n_sites": len(world.wells) * cfg.sites_per_well, "n_compounds": int(len(world.compounds)),
-            "site_numbering": "1-based", "dmso": DMSO_JCP2022}
+            "n_shared_compounds": int(world.compounds["shared"].sum()),
+            "positivity": positivity_statistics(world.wells), "site_numbering": "1-based", "dmso": DMSO_JCP2022}
+
+
+def positivity_table(world: World) -> pa.Table:
+    """``simulation_positivity``: one row per statistic (see :func:`positivity_statistics`)."""
+    stats = positivity_statistics(world.wells)
+    return pa.table({"statistic": pa.array(list(stats), pa.string()),
+                     "value": pa.array(list(stats.values()), pa.float64())})
+
+
+def load_world(lake) -> World:
+    """The world a lake was simulated from, rebuilt from ``raw/simulation.json`` (deterministic, ~1 s).
+
+    Raises:
+        UserError: the lake holds no simulation (or one recorded by an older cpldm).
+    """
+    if not lake.exists(layout.SIMULATION_JSON):
+        raise UserError(f"{lake.uri_of(layout.SIMULATION_JSON)} does not exist: this lake was not simulated; "
+                        "run `cpldm simulate` first")
+    record = lake.read_json(layout.SIMULATION_JSON)
+    if not isinstance(record, dict) or "config" not in record:
+        raise UserError(f"{lake.uri_of(layout.SIMULATION_JSON)} has no 'config'; simulate the lake again")
+    return world_from_config_dict(record["config"])
 
 
 def write_metadata(lake, world: World) -> None:
@@ -146,6 +173,7 @@ def write_metadata(lake, world: World) -> None:
     lake.write_named("truth_compounds", pa.Table.from_pandas(truth, preserve_index=False), config=cfg)
     lake.write_named("truth_confounders", pa.Table.from_pandas(world.confounders, preserve_index=False),
                      config=cfg)
+    lake.write_named("simulation_positivity", positivity_table(world), config=cfg)
     lake.write_bytes(layout.SIMULATION_JSON, json.dumps(simulation_record(world), indent=2, sort_keys=True,
                                                         default=str).encode())
 
@@ -211,7 +239,8 @@ def run(lake, config: SimulationConfig, plates: list[str] | None = None, preview
     Returns:
         {"plates": total, "plates_written", "plates_skipped", "sites_written", "images_written",
          "bytes_written", "sites_total", "compounds", "seconds", "plate_cpu_seconds" (CPU time of the plate
-         tasks, summed: the cost independent of how busy the machine is)}
+         tasks, summed: the cost independent of how busy the machine is), "positivity" (see
+         :func:`cpldm_core.simulate.world.positivity_statistics`)}
     """
     from pipelines.ray_runtime import ensure_ray
 
@@ -233,6 +262,12 @@ def run(lake, config: SimulationConfig, plates: list[str] | None = None, preview
              len(names), len(names) - len(todo), config.wells_per_plate * config.sites_per_well,
              config.image_size, config.image_size)
     task = ray.remote(simulate_plate).options(num_cpus=config.num_cpus_per_task, max_retries=2)
+    positivity = positivity_statistics(world.wells)
+    log.info("simulate: positivity: compounds per (batch, well) median %.1f, mean %.2f, max %d; per (source, "
+             "well) median %.1f; %.0f%% of %d treatments in more than one source",
+             positivity["compounds_per_batch_well_median"], positivity["compounds_per_batch_well_mean"],
+             positivity["compounds_per_batch_well_max"], positivity["compounds_per_source_well_median"],
+             100 * positivity["compounds_multi_source_share"], positivity["n_treatments"])
     world_ref = ray.put(world)
     limit = config.max_concurrency or len(todo) or 1
     in_flight, results = [], []
@@ -253,6 +288,7 @@ def run(lake, config: SimulationConfig, plates: list[str] | None = None, preview
         "bytes_written": sum(r["bytes"] for r in results), "sites_total": len(world.wells) * config.sites_per_well,
         "compounds": int(len(world.compounds)), "seconds": round(time.perf_counter() - start, 2),
         "plate_cpu_seconds": round(sum(r["cpu_seconds"] for r in results), 2),
+        "positivity": {k: round(v, 3) for k, v in positivity.items()},
     }
 
 
@@ -263,8 +299,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="write a simulated JUMP-shaped lake with known causal truth",
                               description=__doc__.split("\n")[0])
     add_config_arguments(p, PRESETS, SimulationConfig, preset_help="size preset (default: demo)")
-    p.add_argument("--scenario", default="default", choices=sorted(SCENARIOS),
-                   help="causal scenario (default: JUMP-like confounding)")
+    p.add_argument("--scenario", default="jump", choices=sorted(SCENARIOS),
+                   help="causal scenario (default: jump, cpg0016-like plates and confounding; `default` is "
+                        "its old name)")
     p.add_argument("--seed", type=int, default=None, help="master seed (default: the preset's, 0)")
     p.add_argument("--plates", default=None, help="comma-separated plate names to simulate (default: all)")
     p.add_argument("--preview", action="store_true", help="also write raw/preview.png (false-colour montage)")

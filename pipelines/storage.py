@@ -4,6 +4,9 @@ Every stage reads and writes through :class:`Lake`, so the embedded default and 
 Writes are atomic (temp file + rename locally; a single PUT on S3, which is atomic per object) and units of
 work are committed with marker objects written *after* their outputs, which is what makes reruns
 exactly-once: a unit without a marker is redone from scratch and overwrites whatever partial output it left.
+A local write goes through a hidden ``.<name>.tmp-<uuid>``, and readers list data files themselves
+(:meth:`Lake.data_files`: no temporary, hidden or symlinked file is ever data). :meth:`Lake.claim_unit` is an
+atomic create-if-absent claim, so concurrent runs of a stage split its units (see docs/lake.md).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import io
 import json
 import os
 import posixpath
+import socket
 import subprocess
 import time
 import uuid
@@ -29,6 +33,11 @@ from cpldm_core.errors import UserError
 from storage_schemas import spec as schema_spec
 
 MARKER_DIR = "_markers"
+CLAIM_DIR = "_claims"
+#: Infix of the temporary name a local write goes through before its atomic rename.
+TMP_INFIX = ".tmp-"
+#: A claim older than this (seconds) is abandoned: its owner died without releasing it (killed, machine lost).
+CLAIM_STALE_SECONDS = 6 * 3600
 LAKE_FILE = "_lake.json"
 
 
@@ -136,6 +145,31 @@ class Lake:
             out.append(posixpath.relpath(p, base) if not self.is_s3 else p[len(base):].lstrip("/"))
         return sorted(out)
 
+    def data_files(self, rel: str, suffix: str = ".parquet") -> list[str]:
+        """Lake-relative data files below ``rel`` ending in ``suffix``, sorted, that are safe to read as data.
+
+        Drops unfinished writes (``*.tmp-<uuid>`` of :meth:`write_bytes`, and anything hidden: ``.`` or ``_``
+        names, as pyarrow and Spark do) and, on a local lake, any file reached through a symbolic link (a link
+        inside the lake to ``/etc`` must not make outside files part of a table).
+        """
+        files = []
+        for path in self.ls(rel, recursive=True):
+            name = posixpath.basename(path)
+            inner = posixpath.relpath(path, rel) if rel else path
+            if not name.endswith(suffix) or TMP_INFIX in name or any(
+                    part.startswith((".", "_")) for part in inner.split("/")):
+                continue
+            if not self.is_linked(path):
+                files.append(path)
+        return files
+
+    def is_linked(self, rel: str) -> bool:
+        """Whether a local lake path goes through a symbolic link (always False on S3, which has none)."""
+        if self.is_s3:
+            return False
+        full = self.fs_path(rel)
+        return os.path.realpath(full) != os.path.normpath(full)
+
     # ------------------------------------------------------------------ bytes and JSON
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open(self.fs_path(rel), "rb") as fh:
@@ -148,7 +182,8 @@ class Lake:
             self.fs.pipe_file(target, data)
             return
         Path(target).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        # hidden and marked: a file left by a writer killed before the rename is never listed as data
+        tmp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}{TMP_INFIX}{uuid.uuid4().hex}")
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -196,8 +231,10 @@ class Lake:
             with self.fs.open(target, "rb") as fh:
                 return pq.read_table(fh, columns=columns)
         import pyarrow.dataset as ds
-        dataset = ds.dataset(target, filesystem=self.arrow_fs, format="parquet", partitioning="hive",
-                             exclude_invalid_files=True)
+        # an explicit file list: pyarrow's own discovery would read a leftover ``x.parquet.tmp-<uuid>`` as data
+        files = [self.fs_path(f) for f in self.data_files(rel)]
+        dataset = ds.dataset(files, filesystem=self.arrow_fs, format="parquet",
+                             partitioning=ds.partitioning(flavor="hive"), partition_base_dir=target)
         return dataset.to_table(columns=columns)
 
     def table_path(self, table_name: str) -> str:
@@ -247,6 +284,58 @@ class Lake:
 
     def unit_info(self, stage: str, unit: str) -> dict:
         return self.read_json(self._marker(stage, unit))
+
+    # ------------------------------------------------------------------ unit claims
+    def _claim(self, stage: str, unit: str) -> str:
+        return f"{CLAIM_DIR}/{stage}/{unit}.json"
+
+    def claim_unit(self, stage: str, unit: str, stale_seconds: float = CLAIM_STALE_SECONDS) -> bool:
+        """Atomically claim ``unit`` of ``stage`` for this process; ``False`` when another live run holds it.
+
+        Two runs started on the same dataset then split the units instead of both redoing all of them. The
+        claim is an object created only if absent (``O_CREAT|O_EXCL`` locally, an S3 conditional PUT with
+        ``If-None-Match: *`` on S3) holding the owner's host, pid and time. A claim is taken over when it is
+        older than ``stale_seconds``, or, on the same host, when its owner process no longer exists (a
+        killed run). Release it with :meth:`release_unit` after :meth:`commit_unit`.
+        """
+        rel = self._claim(stage, unit)
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        body = json.dumps(owner).encode()
+        for _ in range(2):
+            if self._create_if_absent(rel, body):
+                return True
+            try:
+                held = self.read_json(rel)
+            except (FileNotFoundError, ValueError):
+                continue  # released (or half-written by a killed owner) just now: try again
+            if (held.get("host"), held.get("pid")) == (owner["host"], owner["pid"]):
+                return True
+            dead = held.get("host") == owner["host"] and not _pid_alive(int(held.get("pid", 0)))
+            if not dead and time.time() - float(held.get("time", 0)) < stale_seconds:
+                return False
+            self.delete(rel)  # abandoned: remove it and race the other takers for a fresh create
+        return False
+
+    def release_unit(self, stage: str, unit: str) -> None:
+        self.delete(self._claim(stage, unit))
+
+    def _create_if_absent(self, rel: str, data: bytes) -> bool:
+        target = self.fs_path(rel)
+        if self.is_s3:
+            bucket, _, key = target.partition("/")
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            except FileExistsError:  # s3fs maps 412 Precondition Failed to FileExistsError
+                return False
+            return True
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return True
 
     def reset_stage(self, stage: str) -> None:
         """Forget every committed unit of ``stage`` (its outputs are overwritten by the next run)."""
@@ -301,6 +390,18 @@ class Lake:
                 "code_version": code_version()}
         self.write_json(LAKE_FILE, info)
         return info
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def s3_filesystem(endpoint_url: str | None, asynchronous: bool = False):

@@ -95,6 +95,7 @@ class TrainingData:
     mask: np.ndarray | None    # (N, T) bool or None
     rejects: pa.Table          # unit/item/reason
     counts: dict
+    support: Any = None        # DataFrame (source, batch, well) observed with treatments in the training rows
 
 
 def _read_index(lake, vae_id: str) -> pa.Table:
@@ -190,8 +191,10 @@ def prepare_data(lake, cfg: TrainConfig, run: str = "") -> TrainingData:
               "rejected": len(rejects), "train_compounds": int(train_df["Metadata_JCP2022"].nunique())}
     rej = pa.Table.from_pylist(rejects, schema=pa.schema([("unit", pa.string()), ("item", pa.string()),
                                                           ("reason", pa.string())]))
+    from cpldm_core.design import confounder_support
+    support = confounder_support(train_df)   # p'(C) of generation: what this model saw with treatments
     return TrainingData(vae_id, encoder_id, tuple(shape[1:]), train_tbl, val_tbl, vocab, emb.ids,
-                        emb.pooled.astype(np.float32), emb.tokens, emb.mask, rej, counts)
+                        emb.pooled.astype(np.float32), emb.tokens, emb.mask, rej, counts, support)
 
 
 def read_latent_rows(batch: dict[str, np.ndarray], lake, zarr_rel: str) -> dict[str, np.ndarray]:
@@ -467,8 +470,12 @@ def run(lake, config: TrainConfig, run: str | None = None, resume: bool = False)
     lake.write_config(run_dir(run), cfg, extra={"run": run, "model": cfg.model, "vae_id": data.vae_id,
                                                 "encoder_id": data.encoder_id,
                                                 "latent_shape": list(data.latent_shape), "max_steps": max_steps,
-                                                "counts": data.counts})
+                                                "counts": data.counts,
+                                                "confounder_support": {"table": "confounder_support", "model": run,
+                                                                       "combinations": len(data.support)}})
     lake.write_json(f"{run_dir(run)}/vocab.json", data.vocab.to_dict())
+    lake.write_named("confounder_support", pa.Table.from_pandas(data.support, preserve_index=False), config=cfg,
+                     part="support", partition={"model": run})
 
     zarr_rel = latents_rel(data.vae_id)
     train_ds = (ray.data.from_arrow(data.train)
@@ -594,7 +601,7 @@ def load_train_config(preset: str = "demo", config_file: str | None = None,
 
 
 def add_parser(subparsers) -> None:
-    from pipelines.cli import add_config_arguments
+    from pipelines.cli import add_config_arguments, lake_name
 
     p = subparsers.add_parser("train", help="train the scm / scm-free latent diffusion model with Ray Train",
                               description=__doc__.split("\n")[0])
@@ -606,7 +613,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 = CPU, gloo)")
     p.add_argument("--cpus-per-worker", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (overrides the preset's max_steps)")
-    p.add_argument("--run", default=None, help="run name (default: the model kind); output models/<run>/")
+    p.add_argument("--run", default=None, type=lake_name, help="run name (default: the model kind); output models/<run>/")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.set_defaults(func=_cli)
 

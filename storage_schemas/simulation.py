@@ -5,7 +5,10 @@ Truth columns (cpldm_core.simulate.world): per compound ``Truth_<phenotype>`` fo
 MitoIntensity, MitoGranularity, AGPIntensity, AGPMembrane, RNAIntensity, Nucleoli, CellCount; standard units,
 DMSO = 0); per (source, batch) ``Truth_Gain_<channel>``, ``Truth_SourceBlur``, ``Truth_Background``,
 ``Truth_ReadNoise``, ``Truth_IllumAmplitude``, ``Truth_IllumCentreX/Y``, ``Truth_CellDensity``,
-``Truth_CellSize``, ``Truth_EdgeIntensity``, ``Truth_EdgeDensity``.
+``Truth_CellSize``, ``Truth_EdgeIntensity``, ``Truth_EdgeDensity``, and the within-plate gradients
+``Truth_GradRow_<channel>``, ``Truth_GradCol_<channel>`` (log-intensity from the plate centre to its last
+row/column), ``Truth_GradCurve`` (log-intensity at a corner vs the centre), ``Truth_DensityGradRow/Col``
+(log cell density, same convention). The positivity statistics of the plate maps are ``simulation_positivity``.
 """
 import pyarrow as pa
 
@@ -43,4 +46,12 @@ TRUTH_CONFOUNDERS = register(TableSpec(
     schema=pa.schema([c.SOURCE, c.BATCH]),
     extra_columns=r"Truth_.+",
     extra_type=pa.float64(),
+))
+
+SIMULATION_POSITIVITY = register(TableSpec(
+    name="simulation_positivity",
+    path="raw/positivity.parquet",
+    description="positivity of the simulated plate maps: distinct compounds per (batch, well) and (source, "
+                "well) (median, mean, max), share of treatments screened in more than one source",
+    schema=pa.schema([pa.field("statistic", pa.string(), nullable=False), pa.field("value", pa.float64())]),
 ))

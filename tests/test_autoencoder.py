@@ -11,6 +11,7 @@ import torch
 from cpldm_core.autoencoder import (ChannelGroupAutoencoder, build_vae, check_groups, fit_small_vae,
                                     group_samples)
 from cpldm_core.errors import UserError
+from test_ingest import no_network  # noqa: F401  (fixture: networking blocked, HF_HUB_OFFLINE unset)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_fit_small_vae_learns_and_sets_scaling():
     assert vae.config.scaling_factor == pytest.approx(1.0 / std, rel=1e-4)
 
 
-def test_fit_vae_stage_writes_diffusers_model(local_lake, ray_cluster):
+def test_fit_vae_stage_writes_diffusers_model(local_lake, ray_cluster, request, capsys):
     from cpldm_core.autoencoder import FIT_VAE_PRESETS
     from cpldm_core.load_data import CatalogConfig
     from pipelines import catalog, fit_vae
@@ -121,3 +122,31 @@ def test_fit_vae_stage_writes_diffusers_model(local_lake, ray_cluster):
     refit = fit_vae.run(local_lake, cfg, force=True)
     assert not refit.get("skipped") and refit["final_mse"] == summary["final_mse"]
     assert local_lake.read_bytes(f"{base}/diffusion_pytorch_model.safetensors") == weights
+
+    # its VaeModel record: the science config without resources; a rerun with other resources is the same VAE,
+    # with another science field it is refused, naming the field
+    from dataclasses import replace
+    from storage_schemas.artifacts import VaeModel, read_record
+    record = read_record(local_lake, base, VaeModel)
+    assert record.id == cfg.vae_id and record.origin == "fit-vae" and record.fingerprint == summary["fingerprint"]
+    assert record.config["steps"] == cfg.steps and "num_cpus" not in record.config
+    assert record.resources == {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    assert record.scaling_factor == pytest.approx(summary["scaling_factor"])
+    assert fit_vae.run(local_lake, replace(cfg, num_cpus=2.0))["skipped"]
+    with pytest.raises(UserError, match=r"other science settings \(config.steps differ\).*--force"):
+        fit_vae.run(local_lake, replace(cfg, steps=cfg.steps + 1))
+
+    # `cpldm ingest` with no preset and no --vae after `fit-vae --preset tiny` uses the lake's only VAE; a VAE name
+    # the lake lacks fails in one line listing the lake's VAEs. Networking is blocked and HF_HUB_OFFLINE unset.
+    from pipelines import cli
+    attempts = request.getfixturevalue("no_network")
+    capsys.readouterr()
+    small = ["--set", "crop_size=16", "--set", "stats_sites=4", "--set", "rows_per_shard=4", "--set", "subset=all"]
+    assert cli.main(["--lake", local_lake.uri, "ingest", *small, "--max-plates", "1"]) == 0
+    out = capsys.readouterr().out
+    done = json.loads(out[out.index("{"):])
+    assert done["vae_id"] == cfg.vae_id and done["units_written"] == 1
+    assert cli.main(["--lake", local_lake.uri, "ingest", "--vae", "fitted-small", *small]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "no VAE 'fitted-small'" in err[0] and f"(it holds {cfg.vae_id})" in err[0]
+    assert attempts == []

@@ -132,3 +132,43 @@ def test_peak_flops_table_and_options():
         "duckdb": {"sizes": [10, 20], "note": "abc"}, "x": {"n": 3}}
     with pytest.raises(SystemExit):
         parse_options(["nodot=1"])
+
+
+GPU_CHECK_FIGURES = (  # (benchmark prefix, metric prefix, unit): every figure benchmarks/gpu_check.sh records
+    ("encode ", "crops/s per ", "crops/s"),
+    ("train step ", "samples/s per ", "samples/s"),
+    ("train step ", "model FLOP/s", "TFLOP/s"),
+    ("sample ", "images/s per ", "images/s"),
+    ("sample ", "sampling only", "images/s"),
+    ("sample ", "decode only", "images/s"),
+    ("sample ", "first call", "s"),
+    ("DDP train step ", "samples/s total", "samples/s"),
+    ("DDP train step ", "2-process / 1-process", "x"),
+)
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh without a GPU: the same code at tiny shapes, every figure with its device."""
+    import subprocess
+
+    results = tmp_path / "results"
+    proc = subprocess.run(["bash", str(harness.BENCH_DIR / "gpu_check.sh"), "--cpu", "--quick",
+                           "--results-dir", str(results)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = pq.read_table(results / "gpu.parquet").to_pylist()
+    _check_figures(rows)
+    for bench, metric, unit in GPU_CHECK_FIGURES:
+        hits = [r for r in rows if r["benchmark"].startswith(bench) and r["metric"].startswith(metric)]
+        assert len(hits) == 1 and hits[0]["unit"] == unit, (bench, metric, [r["metric"] for r in rows])
+        assert hits[0]["device"] == "cpu" and "not a cost figure" in hits[0]["notes"]
+    assert not any(r["cost_stage"] for r in rows)   # toy CPU shapes never price a stage
+    by = {(r["benchmark"].split()[0], r["metric"].split(" (")[0]): r["value"] for r in rows}
+    # images/s including decode is the harmonic combination of the two timed parts of the same run
+    both = next(v for (b, m), v in by.items() if b == "sample" and m.startswith("images/s"))
+    assert both == pytest.approx(1 / (1 / by[("sample", "sampling only")] + 1 / by[("sample", "decode only")]))
+    single = next(v for (b, m), v in by.items() if b == "train" and m.startswith("samples/s"))
+    ratio = next(v for (b, m), v in by.items() if b == "DDP" and m.startswith("2-process"))
+    assert ratio == pytest.approx(by[("DDP", "samples/s total")] / single)
+    report = (results / "gpu_check.md").read_text()
+    assert "No CUDA device" in report and rows[0]["machine"] in report and "| encode tiny VAE" in report
+    assert "## gpu" in (tmp_path / "RESULTS.md").read_text()

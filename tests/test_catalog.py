@@ -265,3 +265,29 @@ def test_catalog_real_example_load_data(local_lake, ray_cluster):
         assert sites[f"URL_Illum{ch}"].iloc[0] == raw[f"URL_Illum{ch}"].iloc[0]
     assert sites["URL_OrigDNA"].iloc[0].startswith("s3://cellpainting-gallery/cpg0016-jump/source_4/")
     assert sites["Metadata_SiteKey"].iloc[0] == "source_4/2021_04_26_Batch1/BR00117035/A01/1"
+
+
+def test_malformed_load_data_files_become_rejects(local_lake, ray_cluster):
+    """Issue 22 #6: a load_data file without URL_Orig* columns, one with a row of extra fields, and random
+    bytes are each one reject (item = the file); every other file is catalogued as without them."""
+    from cpldm_core.load_data import CatalogConfig
+    from pipelines import catalog
+
+    truth = build_raw_lake(local_lake)
+    base = "raw/source_1/workspace/load_data_csv/B9"
+    good = pd.DataFrame({"Metadata_Plate": ["PX"], "Metadata_Well": ["A01"], "Metadata_Site": ["1"]})
+    bad = {f"{base}/PX1/load_data.csv": _csv(good),                                    # no URL_Orig*
+           f"{base}/PX2/load_data.csv": _csv(good) + b"PX,A01,1,extra,fields\n",       # a row too long
+           f"{base}/PX3/load_data.csv.gz": np.random.default_rng(0).bytes(300)}        # random bytes
+    for rel, data in bad.items():
+        local_lake.write_bytes(rel, data)
+    summary = catalog.run(local_lake, CatalogConfig(unseen_compound_fraction=0.5, heldout_batch_fraction=0.25))
+    sites = local_lake.read_named("sites").to_pandas()
+    assert sorted(sites["Metadata_SiteKey"]) == sorted(truth["sites"])
+    assert summary["load_data_files_rejected"] == 3 and summary["rows"] == truth["rows"]
+    rejects = local_lake.read_named("rejects").to_pandas()
+    whole = rejects[rejects["item"].isin(bad)]
+    assert sorted(whole["item"]) == sorted(bad) and (whole["unit"] == whole["item"]).all()
+    reasons = dict(zip(whole["item"], whole["reason"]))
+    assert "URL_Orig" in reasons[f"{base}/PX1/load_data.csv"]
+    assert "cannot read as CSV" in reasons[f"{base}/PX3/load_data.csv.gz"]

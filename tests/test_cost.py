@@ -207,3 +207,84 @@ def test_cli_reads_measured_results(tmp_path, capsys):
     # 2 images/s per GPU x 4 GPUs = 8/s; 28,800 images = 3,600 s = 1 h = $10
     assert gen["items_per_s_per_instance"] == 8.0 and math.isclose(gen["compute_usd"], 10.0)
     assert "measured" in gen["throughput_source"] and "L40S" in gen["throughput_source"]
+
+
+def test_bottleneck_names_the_slowest_part():
+    read = cm.Throughput("ingest", 10.0, "vcpu", "read")      # 10 x 16 vCPUs = 160/s
+    encode = cm.Throughput("ingest", 400.0, "gpu", "encode")  # 400 x 4 GPUs = 1,600/s
+    tp = cm.bottleneck([encode, read], GPU)
+    assert (tp.items_per_s, tp.per) == (160.0, "instance")
+    assert tp.source.startswith("read -- the bottleneck") and "1,600/s per instance (encode)" in tp.source
+    assert cm.bottleneck([cm.Throughput("ingest", 5.0, "gpu", "e")], GPU).items_per_s == 20.0
+    with pytest.raises(UserError, match="at least one"):
+        cm.bottleneck([], GPU)
+
+
+def _results_dir(tmp_path, gpu: bool = True, cpu: bool = True):
+    """benchmarks/results-shaped Parquet files: gpu_check rows on a 1-GPU box, bench_ingest/generate CPU rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    results = tmp_path / "results"
+    results.mkdir()
+    base = {"status": "ok", "peak_mem_mb": 1.0, "cost_per": ""}
+    h100 = {**base, "device": "cuda:0 (NVIDIA H100 80GB HBM3)", "gpu": "NVIDIA H100 80GB HBM3 x1", "cpu_count": 16,
+            "machine": "gpu-box", "run_date": "2026-12-02 00:00 UTC", "notes": ""}
+    if gpu:
+        pq.write_table(pa.Table.from_pylist([
+            {**h100, "stage": "gpu", "benchmark": "encode sdxl VAE 384px bf16", "metric": "crops/s per GPU",
+             "value": 300.0, "unit": "crops/s", "cost_stage": "ingest", "cost_per": "gpu"},
+            {**h100, "stage": "gpu", "benchmark": "sample paper", "metric": "images/s per GPU incl. decode",
+             "value": 2.0, "unit": "images/s", "cost_stage": "generate", "cost_per": "gpu"}]),
+            results / "gpu.parquet")
+    if cpu:
+        vm = {**base, "device": "cpu", "gpu": "none", "cpu_count": 2, "machine": "vm", "run_date": "2026-12-01"}
+        pq.write_table(pa.Table.from_pylist([
+            {**vm, "stage": "ingest", "benchmark": "read+decode+normalise local", "metric": "plain loop",
+             "value": 40.0, "unit": "sites/s", "cost_stage": "", "notes": "96 sites of 5x540x540 LZW TIFFs, local"},
+            {**vm, "stage": "ingest", "benchmark": "full ingest local", "metric": "ray data, 2 encoder(s)",
+             "value": 3.0, "unit": "sites/s", "cost_stage": "ingest", "notes": ""}]), results / "ingest.parquet")
+    return results
+
+
+def test_headline_from_measured_gpu_figures(tmp_path):
+    prices = tmp_path / "prices.csv"
+    prices.write_text(PRICE_CSV)
+    results = _results_dir(tmp_path)
+    rows = pc.read_result_rows(sorted(results.glob("*.parquet")))
+    read = pc.read_throughput(rows)
+    assert read.items_per_s == pytest.approx(10.0) and read.per == "vcpu"   # 40 x (540 / 1080)^2
+    got = {(h.estimate.split()[0], h.cost.instance): h for h in
+           pc.headline(results, gpu_instance="test.gpu", cpu_instance="test.cpu", prices=prices)}
+    gen = got[("1,000,000", "test.gpu")]
+    # 2 images/s per GPU x 4 = 8/s: 1e6 / 8 = 125,000 s = 34.72 h x $10
+    assert gen.basis == pc.MEASURED_GPU and gen.cost.compute_usd == pytest.approx(125_000 / 3600 * 10)
+    assert "gpu.parquet row 1" in gen.cost.throughput_source and "gpu-box" in gen.cost.throughput_source
+    ing = got[("ingest", "test.gpu")]
+    # encode 300 x 4 = 1,200/s, read 10 x 16 vCPUs = 160/s: the read bounds it; 2.67e6 / 160 s x $10/h
+    assert ing.cost.items == cm.CPG0016_COMPOUND_SITES and ing.cost.items_per_s_per_instance == pytest.approx(160)
+    assert ing.cost.compute_usd == pytest.approx(2.67e6 / 160 / 3600 * 10)
+    assert ing.cost.throughput_source.index("ingest.parquet row 0") < ing.cost.throughput_source.index("bottleneck")
+    # CPU instance: the CPU full-ingest figure, 3 sites/s on 2 cores -> 1.5 per vCPU x 8 = 12/s
+    cpu = got[("ingest", "test.cpu")]
+    assert cpu.basis == pc.MEASURED_CPU and cpu.cost.items_per_s_per_instance == pytest.approx(12.0)
+    assert ("1,000,000", "test.cpu") not in got   # no CPU generation figure: no CPU line
+
+
+def test_headline_falls_back_and_says_so(tmp_path, capsys):
+    prices = tmp_path / "prices.csv"
+    prices.write_text(PRICE_CSV)
+    results = _results_dir(tmp_path, gpu=False)
+    got = {(h.estimate.split()[0], h.cost.instance): h for h in
+           pc.headline(results, gpu_instance="test.gpu", cpu_instance="test.cpu", prices=prices)}
+    gen = got[("1,000,000", "test.gpu")]
+    assert gen.basis == pc.FALLBACK_DEFAULT and gen.cost.throughput_source == cm.DEFAULT_THROUGHPUT["generate"].source
+    assert got[("ingest", "test.cpu")].basis == pc.FALLBACK_CPU
+    # default encode 200 x 4 = 800/s is faster than the measured read (160/s): the read still bounds ingest
+    assert got[("ingest", "test.gpu")].cost.items_per_s_per_instance == pytest.approx(160)
+    assert _cost_cli(["cost", "--headline", "--instance", "test.gpu", "--cpu-instance", "test.cpu",
+                      "--prices", str(prices), "--results-dir", str(results)]) == 0
+    text = capsys.readouterr().out
+    assert "NOT measured" in text and "13.4 M TIFFs = 2.67 M sites" in text and "ingest.parquet row 0" in text
+    with pytest.raises(UserError, match="has no GPU"):
+        pc.headline(results, gpu_instance="test.cpu", cpu_instance="test.cpu", prices=prices)

@@ -53,15 +53,25 @@ def test_tiny_demo_end_to_end(tmp_path, ray_cluster):
     # evaluation: a row for every data type x task x split, for both metrics
     results = lake.read_named("eval_results").to_pandas()
     folds = results[results["fold"] >= 0]
-    data_types = {"real", "real-harmony"} | {f"{kind}-N{n}" for kind in ("c-aware", "non-c-aware")
-                                           for n in demo.DEMO_PRESETS["tiny"].draws}
-    assert set(folds["data_type"]) == data_types
+    cfg = demo.DEMO_PRESETS["tiny"]
+    guided = f"g{cfg.guidance_scale:g}"
+    data_types = ({"real", "real-harmony", "real-allwells", "chemistry-nn"}
+                  | {f"{kind}-N{n}" for kind in ("c-aware", "non-c-aware") for n in cfg.draws}
+                  | {f"{kind}-N{n}-{guided}" for kind in ("c-aware", "non-c-aware") for n in cfg.guidance_draws}
+                  | {f"oracle-{kind}-N{n}" for kind in ("c-aware", "scm-free") for n in cfg.oracle_draws})
+    assert set(folds["data_type"]) == data_types   # the truth run is the yardstick, never a data type
     grid = folds.groupby(["data_type", "task", "query_split", "metric"]).size()
     for dt in data_types:
         for task in ("moa", "target"):
             for split_name in ("seen", "unseen"):
-                for metric in ("mAP", "ROC-AUC"):
+                for metric in ("mAP", "mAP-label", "ROC-AUC"):
                     assert grid.get((dt, task, split_name, metric), 0) > 0, (dt, task, split_name, metric)
+    # truth recovery: every data type, every compound with a truth profile, nothing fitted
+    truth = lake.read_named("truth_profiles").to_pandas()
+    recovery = lake.read_named("eval_truth_recovery").to_pandas()
+    assert set(recovery["data_type"]) == data_types
+    assert set(recovery["Metadata_JCP2022"]) <= set(truth["Metadata_JCP2022"])
+    assert lake.read_named("eval_verdict").num_rows > 0
     assert isinstance(out["evaluation"]["summary"], pd.DataFrame) and len(out["evaluation"]["summary"])
     assert lake.exists("eval/demo/report.html")
     assert any("MoA / target prediction" in line for line in lines)

@@ -7,14 +7,43 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from scipy import stats
 
 from cpldm_core.errors import UserError
 from cpldm_core.evaluation.config import preset
-from benchmarks.bench_evaluate import write_evaluation_lake as write_world
+from benchmarks.bench_evaluate import features_table, write_evaluation_lake
 from cpldm_core.evaluation.simulated_profiles import simulate_profiles, treatment_means
+from cpldm_core.evaluation.truth import truth_space_profiles
 from storage_schemas.columns import DMSO_JCP2022
 
 CFG = preset("tiny", concurrency=0)
+
+
+def write_truth(lake, world, draws=4, dmso_per_draw=8, seed=11):
+    """The interventional truth dataset as the simulator renders it: per draw (one plate each), every compound
+    and ``dmso_per_draw`` DMSO wells, effect = truth @ the synthetic runs' loadings, fresh noise, no batch."""
+    rng = np.random.default_rng(seed)
+    truth, names = world["truth"], world["features"]
+    loadings = np.random.default_rng(99).normal(size=(truth.shape[1], len(names))) / np.sqrt(truth.shape[1])
+    rows, values = [], []
+    for d in range(draws):
+        for cmp in [*truth.index, *[DMSO_JCP2022] * dmso_per_draw]:
+            effect = truth.loc[cmp].to_numpy() @ loadings if cmp != DMSO_JCP2022 else np.zeros(len(names))
+            rows.append({"Metadata_Source": "truth", "Metadata_Batch": "truth", "Metadata_Plate": f"draw-{d}",
+                         "Metadata_Well": f"W{len(rows):04d}", "Metadata_JCP2022": cmp,
+                         "Metadata_pert_type": "negcon" if cmp == DMSO_JCP2022 else "trt"})
+            values.append(effect + 0.3 * rng.normal(size=len(names)))
+    meta = pd.DataFrame(rows)
+    lake.write_named("features_well", features_table(meta, np.asarray(values, np.float32), names,
+                                                     np.repeat(np.arange(draws), len(meta) // draws)),
+                     part="block-0", partition={"dataset": "truth"})
+
+
+def write_world(lake):
+    """The evaluation test lake plus a ``truth`` dataset (which must never become a data type)."""
+    world = write_evaluation_lake(lake)
+    write_truth(lake, world)
+    return world
 
 
 EXPECTED_TYPES = {"real", "real-harmony", "c-aware-N3", "non-c-aware-N3"}
@@ -41,8 +70,21 @@ def _check_outputs(lake, out):
     html = lake.read_bytes("eval/t/report.html").decode()
     assert "Tukey" in html and "figures/bars_target.png" in html
     assert len(lake.read_named("eval_tukey")) > 0 and len(out["truth_recovery"]) > 0
-    rec = out["truth_recovery"].set_index(["data_type", "query_split"])["mean"]
-    assert rec.notna().all()
+    assert "Table 1: MoA prediction" in html and "Verdict" in html and "mAP-label" in html
+    paired = lake.read_named("eval_paired").to_pandas()
+    assert len(paired) == 6 * 4 * 3 + 6 * 2 * 2       # 6 pairs x (2 tasks x 2 splits x 3 metrics + truth 2 x 2)
+    verdict = out["verdict"]
+    assert set(verdict["arm"]) == {"c-aware-N3", "non-c-aware-N3"}
+    assert set(verdict["verdict"]) <= {"better", "no difference", "worse"}
+    featselect = lake.read_table("eval_tables/profiles_featselect/run=t/data_type=real-harmony").to_pandas()
+    assert len(featselect) == len(lake.read_table("features/well/dataset=real").to_pandas())
+    rec = out["truth_recovery"].set_index(["data_type", "query_split"])
+    assert rec[["pearson_mean", "spearman_mean"]].notna().all().all()
+    assert set(rec.index.get_level_values(0)) == EXPECTED_TYPES      # the truth itself is no data type
+    # c-aware draws follow the truth's loadings with weak batch offsets: closer to the truth than real
+    assert rec.loc["c-aware-N3", "pearson_mean"].mean() > rec.loc["real", "pearson_mean"].mean()
+    truth = lake.read_named("truth_profiles").to_pandas()
+    assert len(truth) == 48 and truth.filter(like="Cells_").shape[1] >= 2
     return results
 
 
@@ -152,3 +194,71 @@ def test_cli_with_hub_style_annotations(local_lake, tmp_path, capsys):
     rc = main(["--lake", local_lake.uri, "evaluate", "--preset", "tiny", "--run", "x", "--annotations",
                str(tmp_path / "missing.csv")])
     assert rc == 2
+
+
+def test_heldout_batches_chemistry_nn_oracle_and_truth_data_types(local_lake):
+    """With held-out batches, Morgan bits and an oracle run in the lake: real-allwells, chemistry-nn and
+    oracle-c-aware-N3 are evaluated; real's seen compounds use held-out wells only (so real != real-allwells);
+    chemistry-nn's profiles are real profiles of nearest seen neighbours; the truth is never a data type."""
+    from benchmarks.bench_evaluate import synthetic_draws
+    from cpldm_core.evaluation.baselines import nearest_seen_neighbours
+    from pipelines import evaluate
+
+    world = write_world(local_lake)
+    # the second well of each compound plated in a training batch moves to held-out batch_1 (batch label only:
+    # plates, hence normalisation, unchanged), so seen compounds have held-out wells to be profiled on
+    real = local_lake.read_table("features/well/dataset=real").to_pandas().drop(columns="dataset", errors="ignore")
+    second = real.groupby("Metadata_JCP2022").cumcount().to_numpy() == 1
+    move = second & real["Metadata_Batch"].isin(["batch_0", "batch_2"]).to_numpy() & \
+        (real["Metadata_JCP2022"] != DMSO_JCP2022).to_numpy()
+    real.loc[move, "Metadata_Batch"] = "batch_1"
+    local_lake.delete("features/well/dataset=real")
+    feats = world["features"]
+    local_lake.write_named("features_well", features_table(real, real[feats].to_numpy(np.float32), feats),
+                           part="moved", partition={"dataset": "real"})
+    local_lake.write_named("split_batches", pa.table({
+        "Metadata_Source": ["source_1", "source_2", "source_1", "source_2"],
+        "Metadata_Batch": [f"batch_{b}" for b in range(4)],
+        "Metadata_BatchSplit": ["train", "heldout", "train", "heldout"]}))
+    ids = np.array(sorted(world["truth"].index), dtype=object)
+    bits = np.random.default_rng(0).random((len(ids), 64)) < 0.3
+    local_lake.write_named("embeddings", pa.table({
+        "Metadata_JCP2022": ids, "Metadata_InChIKey": pa.nulls(len(ids), pa.string()),
+        "Metadata_CanonicalSMILES": ["C"] * len(ids), "embedding": [list(map(float, b)) for b in bits],
+        "Metadata_TokenRow": pa.nulls(len(ids), pa.int64())}), part="part-0", partition={"encoder": "morgan-r2-64"})
+    smeta, svalues = synthetic_draws(world, 3, 0.0, seed=5)
+    local_lake.write_named("features_well", features_table(smeta, svalues, world["features"],
+                                                           smeta["draw"].to_numpy()),
+                           part="block-0", partition={"dataset": "oracle-run"})
+    local_lake.write_json("synthetic/oracle-run/config.json", {"generation": {"oracle": "c-aware", "draws": 3}})
+    found = evaluate.discover(local_lake, CFG, heldout=True, fingerprints=True)
+    assert {"real-allwells", "chemistry-nn", "oracle-c-aware-N3"} <= set(found) and "truth" not in found
+    cfg = replace(CFG, run="h", report=False, copairs=False,
+                  data_types=("real", "real-allwells", "chemistry-nn"))
+    out = evaluate.run(local_lake, cfg)
+    res = local_lake.read_table("eval/run=h/results.parquet").to_pandas()
+    m = res[(res["metric"] == "mAP") & (res["fold"] >= 0)].groupby(["data_type", "task", "query_split"])["value"]
+    seen = m.mean().xs("seen", level=2)
+    assert not np.allclose(seen.loc["real"], seen.loc["real-allwells"])        # different wells for seen
+    assert len(out["verdict"]) == 0                                              # no generated arm here
+    # chemistry-nn's truth-space profile of a compound = real-allwells' profile of its nearest seen neighbour
+    rec = local_lake.read_named("eval_truth_recovery").to_pandas()
+    rec = rec[rec["run"] == "h"].set_index(["data_type", "Metadata_JCP2022"])["pearson_r"]
+    split = world["split"]
+    nn = nearest_seen_neighbours(ids, bits, (split.reindex(ids) == "seen").to_numpy())
+    truth = local_lake.read_named("truth_profiles").to_pandas()
+    truth = truth[truth["run"] == "h"].drop(columns="run").set_index("Metadata_JCP2022")
+    assert list(truth.index) == list(ids)
+    moved_seen = set(real.loc[move, "Metadata_JCP2022"]) & set(split[split == "seen"].index)
+    assert any(abs(rec.loc[("real", c)] - rec.loc[("real-allwells", c)]) > 1e-3 for c in moved_seen)
+    control = (world["meta"]["Metadata_JCP2022"] == DMSO_JCP2022).to_numpy()
+    real_ids, real_prof = truth_space_profiles(world["meta"], world["values"], world["features"], list(truth.columns),
+                                               control, ~control, CFG.outlier_threshold)
+    row = {c: i for i, c in enumerate(real_ids)}
+    for c in ids:
+        if split[c] == "unseen":   # unseen compounds: all wells in both real variants
+            assert rec.loc[("real", c)] == pytest.approx(rec.loc[("real-allwells", c)], abs=1e-6)
+        expected = stats.pearsonr(real_prof[row[nn[c]]], truth.loc[c].to_numpy())[0]
+        assert rec.loc[("chemistry-nn", c)] == pytest.approx(expected, abs=1e-5)
+        own = stats.pearsonr(real_prof[row[c]], truth.loc[c].to_numpy())[0]
+        assert rec.loc[("real-allwells", c)] == pytest.approx(own, abs=1e-5)

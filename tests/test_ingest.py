@@ -94,8 +94,8 @@ def save_tiny_vae(lake, name: str = "tinyvae", seed: int = 0) -> str:
     vae.register_to_config(scaling_factor=0.7)
     tmp = tempfile.mkdtemp(prefix="tinyvae-")
     vae.save_pretrained(os.path.join(tmp, "vae"))
-    for f in os.listdir(os.path.join(tmp, "vae")):
-        lake.write_bytes(f"vae/{name}/{f}", open(os.path.join(tmp, "vae", f), "rb").read())
+    from pipelines.fit_vae import register_vae
+    register_vae(lake, name, os.path.join(tmp, "vae"), note=f"test: random tiny AutoencoderKL, seed {seed}")
     return tmp
 
 
@@ -200,10 +200,30 @@ def test_ingest_killed_run_resumes_to_identical_output(local_lake, ray_cluster):
     ib = local_lake.read_table("latents/index/vae=b").to_pandas().sort_values("Metadata_LatentRow")
     pd.testing.assert_frame_equal(ia.reset_index(drop=True), ib.reset_index(drop=True))
     assert a["rejected"] == second["rejected"] == 4
-    # a changed config is refused instead of silently mixing caches
+    # only resources changed: nothing is recomputed, the cache's bytes and record stay as they were
+    record = local_lake.read_bytes("latents/b/_artifact.json")
+    third = ingest.run(local_lake, ingest_config(vae_id="b", batch_size=3, read_concurrency=2, encode_concurrency=2,
+                                                 num_cpus_read=0.25, num_cpus_encode=0.5))
+    assert third["units_written"] == 0 and third["units_skipped"] == a["units"]
+    np.testing.assert_array_equal(ingest.open_latents(local_lake, "b", mode="r")[:], zb)
+    assert local_lake.read_bytes("latents/b/_artifact.json") == record
+    cache = ingest.read_latent_cache(local_lake, "b")
+    assert cache.inputs["vae"].id == "tinyvae" and cache.latent_shape == (8, CROP // 8, CROP // 8)
+    assert list(cache.normalisation_low) == ingest.read_normalisation(local_lake, "b").to_dict()["low"]
+    assert cache.resources["batch_size"] == 4 and "batch_size" not in cache.config
+    # a changed science field is refused (naming it) instead of silently mixing caches
     from cpldm_core.errors import UserError
-    with pytest.raises(UserError, match="another config"):
+    with pytest.raises(UserError, match=r"another config.*\(config.high_percentile, high_percentile differ\)"):
         ingest.run(local_lake, ingest_config(vae_id="b", high_percentile=99.5))
+    # so is a VAE refitted under the same name (its record's fingerprint moved)
+    save_tiny_vae(local_lake, seed=1)
+    with pytest.raises(UserError, match=r"another config.*\(inputs.vae differ\)"):
+        ingest.run(local_lake, ingest_config(vae_id="b"))
+    # a cache made before records existed names the command that rebuilds it
+    from storage_schemas.artifacts import ArtifactMissing
+    local_lake.delete("latents/a/_artifact.json")
+    with pytest.raises(ArtifactMissing, match=r"`cpldm ingest --vae-id a --force`"):
+        ingest.run(local_lake, ingest_config(vae=tmp, vae_subfolder="vae", vae_id="a"))
 
 
 def test_ingest_reads_real_cpg0016_layout_from_s3(s3_endpoint, local_lake, ray_cluster):
@@ -241,3 +261,83 @@ def test_ingest_reads_real_cpg0016_layout_from_s3(s3_endpoint, local_lake, ray_c
     corrected = img.astype(np.float32) / illum
     np.testing.assert_allclose(norm.low, corrected.reshape(5, -1).min(axis=1), rtol=1e-5)
     np.testing.assert_allclose(norm.high, corrected.reshape(5, -1).max(axis=1), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- VAE resolution
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection or DNS lookup in this process to a host other than 127.0.0.1/localhost raises at once and
+    is recorded. HF_HUB_OFFLINE is switched off, so it is not what keeps the model hub away."""
+    import socket
+
+    import huggingface_hub.constants as hf_constants
+
+    local = {"127.0.0.1", "localhost", "::1"}
+    attempts: list[str] = []
+
+    def guard(host):
+        if str(host) not in local:
+            attempts.append(str(host))
+            raise OSError(f"network blocked in this test: {host}")
+
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_create, real_gai = socket.create_connection, socket.getaddrinfo
+
+    def connect(self, address):
+        if isinstance(address, tuple):
+            guard(address[0])
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if isinstance(address, tuple):
+            guard(address[0])
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: (guard(address[0]), real_create(address, *a, **k))[1])
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: (guard(host), real_gai(host, *a, **k))[1])
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    return attempts
+
+
+def test_vae_resolution_never_turns_a_lake_name_into_a_hub_request(local_lake, no_network):
+    from cpldm_core.autoencoder import DEFAULT_GROUPS
+    from cpldm_core.errors import UserError
+    from pipelines import ingest
+    from storage_schemas.artifacts import ArtifactMissing
+
+    with pytest.raises(UserError, match=r"no VAE given and .*/vae holds none.*run `cpldm fit-vae` first"):
+        ingest.resolve_vae(local_lake, "", None)
+    save_tiny_vae(local_lake, "fitted-tiny")
+    source = ingest.resolve_vae(local_lake, "", None)           # no VAE given: the lake's only one
+    assert source == {"vae_id": "fitted-tiny", "kind": "lake", "path": "vae/fitted-tiny", "subfolder": None}
+    assert ingest.load_autoencoder(local_lake, source, DEFAULT_GROUPS).scaling_factor == pytest.approx(0.7)
+    with pytest.raises(UserError, match=r"no VAE 'fitted-small' in .*/vae \(it holds fitted-tiny\); run "
+                                        r"`cpldm fit-vae --vae-id fitted-small`") as info:
+        ingest.resolve_vae(local_lake, "fitted-small", None)     # the old default preset's name
+    assert "\n" not in str(info.value)
+    save_tiny_vae(local_lake, "other", seed=1)
+    with pytest.raises(UserError, match=r"no VAE given and .*/vae holds fitted-tiny, other: pass --vae"):
+        ingest.resolve_vae(local_lake, "", None)
+    assert ingest.resolve_vae(local_lake, "lake:other", None, vae_id="c")["vae_id"] == "c"
+    with pytest.raises(UserError, match="not a VAE in the lake, not a directory and not a hub id"):
+        ingest.resolve_vae(local_lake, "./no/such/dir", None)
+    # a lake VAE without a record (made by hand or by an older cpldm) names the command that makes one
+    local_lake.delete("vae/other/_artifact.json")
+    with pytest.raises(ArtifactMissing, match=r"vae/other/_artifact.json: no VaeModel record.*"
+                                              r"`cpldm fit-vae --vae-id other --force`"):
+        ingest.vae_ref(local_lake, ingest.resolve_vae(local_lake, "other", None))
+    assert no_network == []
+    # an explicit hub id is recognised without a request (it is downloaded only when loaded)
+    hub = ingest.resolve_vae(local_lake, "stabilityai/sdxl-vae", "vae")
+    assert hub["kind"] == "hub" and hub["vae_id"] == "stabilityai--sdxl-vae--vae" and no_network == []
+    # the guard is live and the hub client is not in offline mode: had anything above asked, it would show
+    import huggingface_hub.constants
+    import socket
+    assert not huggingface_hub.constants.is_offline_mode()
+    with pytest.raises(OSError, match="network blocked"):
+        socket.create_connection(("huggingface.co", 443), timeout=1)
+    assert no_network == ["huggingface.co"]

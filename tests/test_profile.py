@@ -1,5 +1,6 @@
 """`cpldm profile` end to end: TIFF sites (local and S3 lakes) and synthetic Zarr images through Ray Data into
-hive-partitioned feature tables; resumption, rejects, aggregation against pandas and DuckDB, JUMP import."""
+hive-partitioned feature tables; resumption, rejects, aggregation against pandas and DuckDB
+(import: tests/test_profile_import.py)."""
 from __future__ import annotations
 
 import io
@@ -11,7 +12,6 @@ import pyarrow as pa
 import pytest
 import tifffile
 
-from conftest import shared_path
 from cpldm_core.features.aggregate import feature_columns
 from cpldm_core.features.config import TINY
 from pipelines import profile
@@ -140,7 +140,8 @@ def write_synthetic_run(lake, run: str, n_draws: int = 3) -> pd.DataFrame:
     for c, jcp in enumerate(jcps):
         for d in range(n_draws):
             images.append(simulated_site(4 + 6 * c, 3.5, size=SIZE, seed=1000 + 10 * c + d))
-            rows.append({"run": run, "Metadata_JCP2022": jcp, "Metadata_Draw": d, "Metadata_Source": f"source_{d % 2 + 1}",
+            rows.append({"run": run, "Metadata_JCP2022": jcp, "Metadata_Draw": d, "Metadata_Replicate": 0,
+                         "Metadata_Source": f"source_{d % 2 + 1}",
                          "Metadata_Batch": f"B{d}", "Metadata_Well": "B02", "Metadata_Seed": 7 * d + c,
                          "Metadata_Block": c, "Metadata_ImageRow": len(images) - 1,
                          "Metadata_DesignRow": len(images) - 1, "Metadata_Model": "scm", "Metadata_ModelKind": "scm",
@@ -173,7 +174,9 @@ def test_synthetic_draws_and_single_cells(local_lake, ray_cluster):
             == images["Metadata_CellCount"].to_numpy()).all()
     # a "well" is one draw, with the drawn confounders; the treatment is the mean over draws (g-estimate)
     assert len(wells) == 6 and wells["Metadata_Draw"].notna().all()
-    assert (wells["Metadata_Plate"] == "synthetic").all() and (wells["Metadata_SiteCount"] == 1).all()
+    # each draw is a synthetic plate (normalised against its own DMSO downstream)
+    assert (wells["Metadata_Plate"] == [f"draw-{d:04d}" for d in wells["Metadata_Draw"]]).all()
+    assert (wells["Metadata_SiteCount"] == 1).all()
     ref_t = wells.groupby("Metadata_JCP2022")[feats].mean()
     np.testing.assert_allclose(treatments.set_index("Metadata_JCP2022")[feats].to_numpy(), ref_t.to_numpy(),
                                rtol=1e-5, equal_nan=True)
@@ -185,33 +188,3 @@ def test_unknown_synthetic_run_is_a_user_error(local_lake):
     from cpldm_core.errors import UserError
     with pytest.raises(UserError, match="no synthetic_manifest"):
         profile.run(local_lake, CFG, dataset="nope")
-
-
-def test_import_jump_well_profiles(local_lake):
-    from pipelines.cli import main
-
-    path = shared_path("data", "jump-metadata", "example_well_level_cellprofiler_profile__BR00121431_2wells.csv")
-    code = main(["--lake", local_lake.uri, "profile", "import", str(path), "--dataset", "jump-example",
-                 "--meta", "Metadata_Source=source_4", "--meta", "Metadata_Batch=2021_06_21_Batch7",
-                 "--meta", f"Metadata_JCP2022={DMSO_JCP2022}"])
-    assert code == 0
-    source = pd.read_csv(path).sort_values("Metadata_Well").reset_index(drop=True)
-    wells = _read(local_lake, "features_well", "jump-example")
-    feats = feature_columns(wells)
-    assert len(feats) > 5000 and "Cells_AreaShape_Area" in feats
-    np.testing.assert_allclose(wells[feats].to_numpy(np.float64), source[feats].to_numpy(np.float32), rtol=0,
-                               equal_nan=True)
-    assert wells["Metadata_SiteCount"].tolist() == source["Metadata_Site_Count"].tolist()
-    treatment = _read(local_lake, "features_treatment", "jump-example")
-    assert treatment["Metadata_WellCount"].tolist() == [2]
-    assert treatment["Metadata_pert_type"].tolist() == ["negcon"]
-    np.testing.assert_allclose(treatment[feats].to_numpy()[0], wells[feats].mean().to_numpy(), rtol=1e-5,
-                               equal_nan=True)
-
-
-def test_import_without_metadata_names_missing_columns(local_lake, tmp_path):
-    from cpldm_core.errors import UserError
-    path = tmp_path / "wells.csv"
-    pd.DataFrame({"Metadata_Plate": ["X"], "Metadata_Well": ["A01"], "Cells_AreaShape_Area": [1.0]}).to_csv(path)
-    with pytest.raises(UserError, match="Metadata_Source, Metadata_Batch"):
-        profile.import_profiles(local_lake, str(path), "x")

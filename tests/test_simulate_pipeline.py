@@ -13,6 +13,7 @@ from scipy.stats import spearmanr
 
 from cpldm_core.simulate import layout
 from cpldm_core.simulate.config import simulation_config
+from cpldm_core.simulate.world import PHENOTYPES
 from pipelines import simulate
 from pipelines.storage import Lake, open_uri
 from storage_schemas import validate
@@ -49,7 +50,8 @@ def _load_data(lake: Lake) -> pd.DataFrame:
 
 
 def test_layout_on_local_and_s3(lake, ray_cluster):
-    cfg = dataclasses.replace(simulation_config("tiny"), plates_per_batch=1, compounds_per_moa=3)
+    # 2 plate maps per source x 4 treatment wells = 16 slots for 12 compounds + 2 shared: 2 spare DMSO wells
+    cfg = dataclasses.replace(simulation_config("tiny"), plates_per_batch=2, compounds_per_moa=3)
     summary = simulate.run(lake, cfg)
     assert summary["plates"] == summary["plates_written"] == cfg.n_plates
     assert summary["sites_written"] == summary["sites_total"] == cfg.n_sites
@@ -79,9 +81,11 @@ def test_layout_on_local_and_s3(lake, ray_cluster):
     assert set(plates["Metadata_Plate"]) == set(load_data["Metadata_Plate"]) == set(wells["Metadata_Plate"])
     site_wells = load_data[["Metadata_Plate", "Metadata_Well"]].drop_duplicates()
     assert len(site_wells.merge(wells)) == len(wells) == len(site_wells)
-    assert (wells.groupby("Metadata_Plate")["Metadata_JCP2022"].apply(lambda s: (s == DMSO_JCP2022).sum())
-            == cfg.dmso_wells_per_plate).all()
-    for table in ("annotations_moa", "annotations_target", "truth_compounds", "truth_confounders"):
+    dmso_per_plate = wells.groupby("Metadata_Plate")["Metadata_JCP2022"].apply(lambda s: (s == DMSO_JCP2022).sum())
+    assert (dmso_per_plate >= cfg.dmso_wells_per_plate).all()
+    assert dmso_per_plate.sum() == cfg.n_plates * cfg.dmso_wells_per_plate + 2 * 2   # spare slots x replicates
+    for table in ("annotations_moa", "annotations_target", "truth_compounds", "truth_confounders",
+                  "simulation_positivity"):
         validate(lake.read_named(table), table)
     assert lake.read_json(layout.SIMULATION_JSON)["config"]["preset"] == "tiny"
     # rerun: every plate is committed, nothing is rewritten
@@ -109,30 +113,59 @@ def test_nuclear_area_truth_is_recoverable(tiny_default, tiny_unconfounded):
     unconfounded = _otsu_nuclear_area(tiny_unconfounded[0])
     rho, p = spearmanr(unconfounded["area"], unconfounded["Truth_NucleusArea"])
     assert rho > 0.6 and p < 0.01
-    # with source-dependent cell size (C->P) the signal is still there, but weaker
+    # jump world: the pixels follow the effect under the compound's own conditions (C x T, density x T),
+    # World.treatment_effect averaged over its wells, far more than its base truth; cell size by source (C->P)
+    # still weakens the signal
     confounded = _otsu_nuclear_area(tiny_default[0])
-    rho_c, _ = spearmanr(confounded["area"], confounded["Truth_NucleusArea"])
-    assert 0.2 < rho_c < rho
+    world = simulate.load_world(tiny_default[0])
+    dim = PHENOTYPES.index("NucleusArea")
+    effect = {jcp: np.mean([world.treatment_effect(world.compound_index(jcp), w.Metadata_Source, w.Metadata_Batch,
+                                                   w.row, w.col)[dim] for w in g.itertuples()])
+              for jcp, g in world.wells.groupby("Metadata_JCP2022")}
+    rho_effect, _ = spearmanr(confounded["area"], confounded["Metadata_JCP2022"].map(effect))
+    rho_base, _ = spearmanr(confounded["area"], confounded["Truth_NucleusArea"])
+    assert 0.4 < rho_effect < rho and rho_base < rho_effect - 0.2
 
 
-def test_allocation_in_written_lake_follows_scenario(tiny_default, tiny_unconfounded):
-    """The lake's plate maps are the world's (the chi-square power test runs on the demo world in
-    test_simulate_world.py; tiny has too few wells for significance)."""
-    from scipy.stats import chi2_contingency
-
-    from cpldm_core.simulate.world import build_world
-
-    def moa_source_table(lake):
-        wells = _read_csv(lake, layout.WELL_CSV).merge(lake.read_named("annotations_moa").to_pandas())
-        return pd.crosstab(wells["Metadata_moa"], wells["Metadata_Source"])
-
-    world = build_world(simulation_config("tiny"))
-    written = _read_csv(tiny_default[0], layout.WELL_CSV)
+def test_lake_plate_maps_positivity_and_world(tiny_default):
+    """The lake's plate maps are the world's; its positivity table is a naive pandas count of its JUMP
+    metadata; load_world rebuilds the world (the allocation tests run on the pure world in
+    test_simulate_jump.py)."""
+    lake, summary = tiny_default
+    world = simulate.load_world(lake)
+    written = _read_csv(lake, layout.WELL_CSV)
     expected = world.wells[list(written.columns)].reset_index(drop=True)
     pd.testing.assert_frame_equal(written, expected, check_dtype=False)
-    p_default = chi2_contingency(moa_source_table(tiny_default[0])).pvalue
-    p_unconfounded = chi2_contingency(moa_source_table(tiny_unconfounded[0])).pvalue
-    assert p_default < p_unconfounded
+    wells = written.merge(_read_csv(lake, layout.PLATE_CSV)[["Metadata_Plate", "Metadata_Batch"]])
+    stats = dict(zip(*lake.read_named("simulation_positivity").to_pandas()[["statistic", "value"]].T.values))
+    per_batch_well = wells.groupby(["Metadata_Batch", "Metadata_Well"])["Metadata_JCP2022"].nunique()
+    per_source_well = wells.groupby(["Metadata_Source", "Metadata_Well"])["Metadata_JCP2022"].nunique()
+    trt = wells[wells["Metadata_JCP2022"] != DMSO_JCP2022]
+    multi = (trt.groupby("Metadata_JCP2022")["Metadata_Source"].nunique() > 1).mean()
+    assert stats["compounds_per_batch_well_median"] == per_batch_well.median() == 4
+    assert stats["compounds_per_batch_well_mean"] == pytest.approx(per_batch_well.mean())
+    assert stats["compounds_per_batch_well_max"] == per_batch_well.max()
+    assert stats["compounds_per_source_well_median"] == per_source_well.median()
+    assert stats["compounds_multi_source_share"] == pytest.approx(multi)
+    assert summary["positivity"]["compounds_per_batch_well_median"] == 4
+    assert lake.read_json(layout.SIMULATION_JSON)["positivity"]["compounds_multi_source_share"] == pytest.approx(multi)
+
+
+def test_oracle_renders_the_lakes_tiffs(tiny_default, tmp_path):
+    """render_condition on the world rebuilt from the lake, with a site's stream, gives the pixels of its TIFFs."""
+    from cpldm_core.errors import UserError
+    from cpldm_core.simulate.oracle import render_condition, site_stream
+
+    lake = tiny_default[0]
+    world = simulate.load_world(lake)
+    load_data = _load_data(lake).merge(_read_csv(lake, layout.WELL_CSV))
+    for r in load_data.iloc[::31].itertuples(index=False):
+        image = render_condition(world, r.Metadata_JCP2022, r.Metadata_Source, r.Metadata_Batch, r.Metadata_Well,
+                                 site_stream(world, r.Metadata_Plate, r.Metadata_Well, r.Metadata_Site))
+        for c, ch in enumerate(CHANNELS):
+            np.testing.assert_array_equal(image[c], tifffile.imread(getattr(r, f"URL_Orig{ch}")))
+    with pytest.raises(UserError, match="not simulated"):
+        simulate.load_world(Lake(str(tmp_path / "empty")))
 
 
 def _relative_files(lake: Lake) -> dict[str, bytes]:
@@ -173,13 +206,15 @@ def test_different_simulation_in_same_lake_is_refused(tiny_default):
         simulate.run(tiny_default[0], simulation_config("tiny", seed=5))
 
 
-def test_cli_with_preview(tmp_path, ray_cluster):
+def test_cli_with_preview(tmp_path, ray_cluster, capsys):
     from pipelines.cli import main
 
     lake_dir = tmp_path / "cli_lake"
     rc = main(["--lake", str(lake_dir), "simulate", "--preset", "tiny", "--scenario", "unconfounded",
-               "--seed", "4", "--set", "plates_per_batch=1", "--set", "compounds_per_moa=3", "--preview"])
+               "--seed", "4", "--set", "plates_per_batch=1", "--set", "compounds_per_moa=2",
+               "--set", "shared_fraction=0", "--preview"])
     assert rc == 0
+    assert '"compounds_per_batch_well_median": 1.0' in capsys.readouterr().out   # one plate map per batch
     png = (lake_dir / layout.PREVIEW_PNG).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
@@ -187,4 +222,5 @@ def test_cli_with_preview(tmp_path, ray_cluster):
     assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 10
     record = Lake(str(lake_dir)).read_json(layout.SIMULATION_JSON)
     assert record["seed"] == 4 and record["scenario"] == "unconfounded" and record["config"]["plates_per_batch"] == 1
+    assert record["positivity"]["compounds_multi_source_share"] == 0.0
     assert main(["--lake", str(lake_dir), "simulate", "--preset", "tiny", "--set", "bogus=1"]) == 2

@@ -11,7 +11,8 @@ from scipy.stats import chi2_contingency
 from cpldm_core.errors import UserError
 from cpldm_core.simulate.config import PRESETS, simulation_config
 from cpldm_core.simulate.library import load_library
-from cpldm_core.simulate.render import render_site, render_world_site
+from cpldm_core.simulate.oracle import render_world_site
+from cpldm_core.simulate.render import render_site
 from cpldm_core.simulate.world import PHENOTYPES, TRUTH_COLUMNS, build_world, plate_positions
 from storage_schemas.columns import DMSO_JCP2022
 
@@ -22,15 +23,18 @@ def demo_world():
 
 
 @pytest.fixture(scope="module")
-def demo_world_unconfounded():
-    return build_world(simulation_config("demo", "unconfounded"))
+def demo_world_skewed():
+    return build_world(simulation_config("demo", "moa-skewed"))
 
 
 def test_presets_and_overrides():
     assert PRESETS["benchmark"].n_sites >= 100_000
     tiny = simulation_config("tiny", seed=3, overrides=["image_size=96", "t_to_p=0.5"])
     assert (tiny.seed, tiny.image_size, tiny.t_to_p, tiny.preset) == (3, 96, 0.5, "tiny")
-    assert simulation_config("tiny", "unconfounded").c_to_t == 0.0
+    off = simulation_config("tiny", "unconfounded")
+    assert off.c_to_t == off.c_to_o == off.c_to_p == off.c_x_t == off.plate_gradient == off.c_to_p_x_t == 0.0
+    assert simulation_config("tiny", "default") == simulation_config("tiny")      # old name of jump
+    assert simulation_config("tiny").scenario == "jump" and simulation_config("tiny").c_to_t == 0.0
     with pytest.raises(UserError, match="nope"):
         simulation_config("tiny", overrides=["nope=1"])
     with pytest.raises(UserError, match="scenario"):
@@ -88,11 +92,11 @@ def _moa_by_source(world) -> pd.DataFrame:
     return pd.crosstab(wells["Metadata_moa"], wells["Metadata_Source"])
 
 
-def test_allocation_depends_on_source_only_when_confounded(demo_world, demo_world_unconfounded):
-    p_default = chi2_contingency(_moa_by_source(demo_world)).pvalue
-    p_unconfounded = chi2_contingency(_moa_by_source(demo_world_unconfounded)).pvalue
-    assert p_default < 1e-3
-    assert p_unconfounded > 0.05
+def test_source_assignment_follows_moa_only_with_the_skew_knob(demo_world, demo_world_skewed):
+    # jump: cpg0016 assigns compounds to sources independently of their MoA
+    assert chi2_contingency(_moa_by_source(demo_world)).pvalue > 0.01
+    # c_to_t = 1 (moa-skewed): per-source MoA preferences
+    assert chi2_contingency(_moa_by_source(demo_world_skewed)).pvalue < 1e-3
 
 
 def test_plates_dmso_positions_and_replicates(demo_world):
@@ -112,13 +116,19 @@ def test_plates_dmso_positions_and_replicates(demo_world):
 
 def test_edge_strength_zero_means_no_edge():
     cfg = simulation_config("tiny")
-    off = build_world(dataclasses.replace(cfg, c_to_o=0.0, c_to_p=0.0, t_to_p=0.0)).confounders
+    off_world = build_world(dataclasses.replace(cfg, c_to_o=0.0, c_to_p=0.0, plate_gradient=0.0, c_x_t=0.0,
+                                                t_to_p=0.0))
+    off = off_world.confounders
     gains = off[[c for c in off.columns if c.startswith("Truth_Gain_")]].to_numpy()
     assert np.allclose(gains, 1.0)
     assert np.allclose(off[["Truth_CellDensity", "Truth_CellSize", "Truth_EdgeIntensity"]].to_numpy(), 1.0)
     assert np.allclose(off["Truth_IllumAmplitude"], 0.0)
+    gradients = off[[c for c in off.columns if "Grad" in c]].to_numpy()
+    assert gradients.shape[1] == 13 and np.all(gradients == 0.0)
+    assert np.all(off_world.response == np.eye(len(PHENOTYPES)))
     on = build_world(cfg).confounders
     assert on["Truth_Gain_DNA"].nunique() == len(on) and on["Truth_CellDensity"].std() > 0.05
+    assert on["Truth_GradRow_DNA"].std() > 0.02 and on["Truth_DensityGradCol"].abs().max() > 0.02
     no_effect = build_world(dataclasses.replace(cfg, t_to_p=0.0))
     assert np.all(no_effect.phenotype == 0.0)
 

@@ -164,6 +164,12 @@ def test_unseen_compounds_and_heldout_batches_never_reach_training(trained):
     assert len(rej) == n_missing and rej["reason"].str.contains("no embedding").all()
     vocab = json.loads(lake.read_bytes("models/scm/vocab.json"))
     assert set(vocab["batches"]) == truth.train_batches       # held-out batches are not in the vocabulary
+    # the confounder support recorded with the model: (source, batch, well) of its training rows with treatments
+    from storage_schemas.columns import DMSO_JCP2022
+    support = lake.read_table("confounder_support/model=scm").to_pandas()
+    trt = allowed[allowed["Metadata_JCP2022"] != DMSO_JCP2022]
+    assert set(zip(support["Metadata_Source"], support["Metadata_Batch"], support["Metadata_Well"])) == \
+        set(zip(trt["Metadata_Source"], trt["Metadata_Batch"], trt["Metadata_Well"])) and len(support) > 0
 
 
 def test_exported_model_reproduces_the_checkpoint(trained):

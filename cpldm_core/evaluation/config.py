@@ -52,12 +52,13 @@ class EvaluateConfig:
         copairs_null_size: permutations for copairs' mAP p-values.
         embedding: ``umap`` (umap-learn) or ``pca`` (fast, for CI) for the profile maps in the report.
         embedding_max_points: well-level rows per data type drawn for the map.
-        truth_folds: folds of the cross-validated ridge map from profiles to simulator truth.
         score_chunk: query rows scored per chunk (bounds memory: chunk x features float64).
         alpha: family-wise error rate for Tukey HSD.
         report: write figures and report.html (tables and statistics are always written).
         annotations: Repurposing-Hub style file (InChIKey + moa/target) used instead of the annotation tables.
         inchikey_prefix14: join that file on the first 14 InChIKey characters (ignores stereo/salt).
+        annotation_key: join that file on this column instead, holding the lake's compound ids (the compound
+            column of `cpldm profile import`: a name, a Broad id ...).
         concurrency: data types evaluated at once as Ray tasks; 0 = in the driver process, no Ray.
         num_cpus: CPUs reserved per Ray task.
     """
@@ -87,12 +88,12 @@ class EvaluateConfig:
     copairs_null_size: int = 1000
     embedding: Literal["umap", "pca"] = "umap"
     embedding_max_points: int = 3000
-    truth_folds: int = 5
     score_chunk: int = 4096
     alpha: float = 0.05
     report: bool = True
     annotations: str = ""
     inchikey_prefix14: bool = False
+    annotation_key: str = ""
     concurrency: int = 1
     num_cpus: float = 1.0
 
@@ -114,7 +115,7 @@ PRESETS: dict[str, EvaluateConfig] = {
     "demo": EvaluateConfig(min_compounds_moa=4, min_compounds_target=4, n_references=3, n_folds=10,
                            copairs_null_size=200, embedding="umap", embedding_max_points=2000),
     "tiny": EvaluateConfig(min_compounds_moa=3, min_compounds_target=3, n_references=2, n_folds=3,
-                           copairs_null_size=50, embedding="pca", embedding_max_points=500, truth_folds=3),
+                           copairs_null_size=50, embedding="pca", embedding_max_points=500),
 }
 
 

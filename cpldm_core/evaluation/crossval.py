@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from cpldm_core.evaluation.labels import LabelSet
-from cpldm_core.evaluation.metrics import mean_average_precision, mean_roc_auc
-from cpldm_core.evaluation.subprofiles import biosimilarity, build_subprofiles
+from cpldm_core.evaluation.metrics import mean_average_precision, mean_average_precision_per_label, mean_roc_auc
+from cpldm_core.evaluation.subprofiles import EMPTY_SCORE, biosimilarity, build_subprofiles
 
 SPLITS = ("seen", "unseen")
 RESULT_COLUMNS = ["fold", "query_split", "metric", "value", "n_queries"]
@@ -33,8 +33,40 @@ def draw_references(labels: LabelSet, k: int, rng: np.random.Generator, pool: np
     return out
 
 
+def score_fold(profiles: np.ndarray, references: list[np.ndarray], threshold: float,
+               groups: np.ndarray | None = None, chunk: int = 4096) -> np.ndarray:
+    """Biosimilarity of every row with every label's subprofile.
+
+    Args:
+        profiles: (n, f) treatment profiles. references: per label, reference rows.
+        groups: (n,) compound of each row when rows are treatments (compound x dose). Not-same-compound rule:
+            a row is scored against a subprofile built without the references of its own compound (another
+            dose of the query's compound is never its reference); None = rows are compounds.
+
+    Returns:
+        (n, L) float32 scores.
+    """
+    masks, values = build_subprofiles(profiles, references, threshold)
+    scores = biosimilarity(profiles, masks, values, chunk=chunk)
+    if groups is None:
+        return scores
+    groups = np.asarray(groups)
+    for j, refs in enumerate(references):
+        refs = np.asarray(refs, dtype=int)
+        for g in np.unique(groups[refs]):
+            rows = np.flatnonzero(groups == g)
+            rest = refs[groups[refs] != g]
+            if len(rest):
+                mask, value = build_subprofiles(profiles, [rest], threshold)
+                scores[rows, j] = biosimilarity(profiles[rows], mask, value, chunk=chunk)[:, 0]
+            else:
+                scores[rows, j] = EMPTY_SCORE
+    return scores
+
+
 def evaluate_fold(profiles: np.ndarray, labels: LabelSet, split: np.ndarray, references: list[np.ndarray],
-                  threshold: float, rng: np.random.Generator | None = None, chunk: int = 4096) -> list[dict]:
+                  threshold: float, rng: np.random.Generator | None = None, chunk: int = 4096,
+                  groups: np.ndarray | None = None) -> list[dict]:
     """Metrics of one fold.
 
     Args:
@@ -43,12 +75,13 @@ def evaluate_fold(profiles: np.ndarray, labels: LabelSet, split: np.ndarray, ref
         references: per label, reference row indices.
         threshold: sign-consistency threshold.
         rng: draws the chance-level scores (skipped when None).
+        groups: (n,) compound per row for dose-aware not-same-compound scoring (see :func:`score_fold`).
 
     Returns:
-        Rows {query_split, metric, value, n_queries} for mAP and ROC-AUC (and chance levels).
+        Rows {query_split, metric, value, n_queries} for mAP (per query), mAP-label (per label, macro) and
+        ROC-AUC, and their chance levels (``-chance``).
     """
-    masks, values = build_subprofiles(profiles, references, threshold)
-    scores = biosimilarity(profiles, masks, values, chunk=chunk)
+    scores = score_fold(profiles, references, threshold, groups, chunk)
     truth = labels.membership
     valid = np.ones_like(truth)
     for j, rows in enumerate(references):
@@ -65,16 +98,20 @@ def evaluate_fold(profiles: np.ndarray, labels: LabelSet, split: np.ndarray, ref
         variants = [("", scores)] + ([("-chance", random_scores)] if random_scores is not None else [])
         for suffix, s in variants:
             m, n_ap = mean_average_precision(s[rows], truth[rows], valid[rows])
+            m_label, n_labels = mean_average_precision_per_label(s[rows], truth[rows], valid[rows])
             auc, _ = mean_roc_auc(s[rows], truth[rows], valid[rows])
             rows_out.append({"query_split": name, "metric": f"mAP{suffix}", "value": m, "n_queries": n_ap})
+            # n_queries of a per-label row counts the labels averaged
+            rows_out.append({"query_split": name, "metric": f"mAP-label{suffix}", "value": m_label,
+                             "n_queries": n_labels})
             rows_out.append({"query_split": name, "metric": f"ROC-AUC{suffix}", "value": auc,
                              "n_queries": int(rows.sum())})
     return rows_out
 
 
 def cross_validate(profiles: np.ndarray, labels: LabelSet, split: np.ndarray, n_folds: int, k: int,
-                   threshold: float, seed: int = 0, reference_pool: str = "all", chunk: int = 4096
-                   ) -> pd.DataFrame:
+                   threshold: float, seed: int = 0, reference_pool: str = "all", chunk: int = 4096,
+                   groups: np.ndarray | None = None) -> pd.DataFrame:
     """``n_folds`` folds of subprofile prediction.
 
     Args:
@@ -82,6 +119,7 @@ def cross_validate(profiles: np.ndarray, labels: LabelSet, split: np.ndarray, n_
         n_folds, k, threshold: folds, references per label, sign-consistency threshold.
         seed: fold f draws with ``default_rng([seed, f])`` (same references for every data type).
         reference_pool: ``all`` or ``seen`` (references only from seen compounds).
+        groups: (n,) compound per row when rows are treatments (compound x dose): not-same-compound scoring.
 
     Returns:
         DataFrame [fold, query_split, metric, value, n_queries].
@@ -96,6 +134,6 @@ def cross_validate(profiles: np.ndarray, labels: LabelSet, split: np.ndarray, n_
     for fold in range(n_folds):
         rng = np.random.default_rng([seed, fold])
         references = draw_references(labels, k, rng, pool)
-        for row in evaluate_fold(profiles, labels, split, references, threshold, rng, chunk):
+        for row in evaluate_fold(profiles, labels, split, references, threshold, rng, chunk, groups):
             rows.append({"fold": fold, **row})
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)

@@ -181,3 +181,31 @@ def hub_annotations(table: pd.DataFrame, compounds: pd.DataFrame, source: str = 
         joined = joined.merge(values, left_on="_key", right_index=True, how="left")
     joined = joined.dropna(subset=["Metadata_moa", "Metadata_target"], how="all")
     return joined[[COMPOUND, "Metadata_moa", "Metadata_target"]].reset_index(drop=True)
+
+
+def threshold_report(annotations: pd.DataFrame, profiled: list[str], task: str, min_compounds: int,
+                     paper_min: int = 10) -> tuple[str, bool]:
+    """One line on how many labels survive the compound-count threshold, and whether to warn.
+
+    Args:
+        annotations: rows (Metadata_JCP2022, Metadata_moa | Metadata_target). profiled: usable compounds.
+        task: ``moa`` (single-MoA compounds only, as :func:`moa_labels`) or ``target``.
+        min_compounds: this run's threshold. paper_min: the paper's (10).
+
+    Returns:
+        (message with label and compound counts, warn): warn when fewer than 2 labels are kept or more labels
+        are dropped than kept.
+    """
+    column = "Metadata_moa" if task == "moa" else "Metadata_target"
+    pairs = _long(annotations, column) if column in annotations else pd.DataFrame(columns=[COMPOUND, "label"])
+    pairs = pairs[pairs[COMPOUND].isin(set(profiled))]
+    if task == "moa":
+        n_labels = pairs.groupby(COMPOUND)["label"].nunique()
+        pairs = pairs[pairs[COMPOUND].isin(n_labels[n_labels == 1].index)]
+    sizes = pairs.groupby("label")[COMPOUND].nunique()
+    kept = sizes[sizes >= min_compounds]
+    dropped = sizes[sizes < min_compounds]
+    message = (f"{task}: {len(kept)} of {len(sizes)} labels have >= {min_compounds} compounds "
+               f"({int(kept.sum())} compound-label pairs kept, {int(dropped.sum())} in {len(dropped)} smaller labels "
+               f"dropped); at the paper's >= {paper_min}: {int((sizes >= paper_min).sum())} labels")
+    return message, bool(len(kept) < 2 or len(dropped) > len(kept))

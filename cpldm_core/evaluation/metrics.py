@@ -1,7 +1,12 @@
-"""Ranking metrics of the nearest-neighbour classifier: mAP over queries and ROC-AUC over labels.
+"""Ranking metrics of the nearest-neighbour classifier: two mAP definitions and ROC-AUC over labels.
 
-* mAP: for each query, average precision of its true labels in the ranking of all labels by score
-  (scikit-learn's step-wise definition, ties grouped), averaged over queries with at least one true label.
+* mAP (per query, metric ``mAP``): for each query, average precision of its true labels in the ranking of all
+  labels by score (scikit-learn's step-wise definition, ties grouped), averaged over queries with at least one
+  true label. Its chance level is high when there are few labels (~0.34 with 8 MoAs).
+* mAP (per label, metric ``mAP-label``): for each label, average precision of its member queries in the
+  ranking of all queries by that label's score, averaged over labels with a member (scikit-learn's
+  ``average_precision_score(average="macro")``; the paper's definition). Its chance level is about the mean
+  label frequency (~1/L for single-label tasks).
 * ROC-AUC: for each label, the probability that a query holding it scores higher than one that does not
   (ties count one half: scikit-learn's value), averaged over labels with both positives and negatives.
 
@@ -87,6 +92,25 @@ def mean_average_precision(scores: np.ndarray, truth: np.ndarray, valid: np.ndar
                            ) -> tuple[float, int]:
     """(mAP over queries with a true label, number of such queries)."""
     ap = average_precision_per_query(scores, truth, valid)
+    n = int(np.isfinite(ap).sum())
+    return (float(np.nanmean(ap)) if n else float("nan")), n
+
+
+def average_precision_per_label(scores: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None
+                                ) -> np.ndarray:
+    """Average precision of each label (column) over the queries: the per-query AP of the transposed matrices.
+
+    Returns:
+        (L,) float64; NaN for labels without a (valid) member query.
+    """
+    return average_precision_per_query(np.asarray(scores).T, np.asarray(truth).T,
+                                       None if valid is None else np.asarray(valid).T)
+
+
+def mean_average_precision_per_label(scores: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None
+                                     ) -> tuple[float, int]:
+    """(macro mean of the per-label APs over labels with a member, number of such labels)."""
+    ap = average_precision_per_label(scores, truth, valid)
     n = int(np.isfinite(ap).sum())
     return (float(np.nanmean(ap)) if n else float("nan")), n
 

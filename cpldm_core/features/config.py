@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from cpldm_core.configuration import LAKE_NAME, bounds
+from cpldm_core.images import DEFAULT_MAX_PLANE_BYTES
 from storage_schemas.columns import CHANNELS
 
 #: Nuclear diameter of U2OS nuclei in JUMP cpg0016 images (20x, 1080x1080 px): CellProfiler's own nuclei outlines
@@ -31,9 +33,11 @@ class SegmentationConfig:
         cell_threshold_factor: cell foreground = cell channel > factor * Otsu threshold (a lenient threshold
             like CellProfiler's "Otsu, three classes, middle class to foreground").
         max_cell_radius_frac: cells extend at most this many nuclear diameters beyond their nucleus.
-        illumination: "none"; "self": divide each channel by its own heavily smoothed image (a per-image
-            flat-field, when no illumination functions exist); "files": divide by the site's
-            ``URL_Illum*`` functions (JUMP's per-plate .npy files).
+        illumination: "auto" (default, the same rule as ``cpldm ingest``): divide by the site's ``URL_Illum*``
+            functions (JUMP's per-plate .npy files) when the catalog lists them, else leave the image as is, so
+            real profiles are measured on the images the model learns from; "files": the same, but a site
+            without functions is an error; "self": divide each channel by its own heavily smoothed image (a
+            per-image flat-field, when no illumination functions exist); "none": never correct.
         illumination_sigma_frac: Gaussian sigma of the "self" flat-field, as a fraction of the image side.
     """
 
@@ -46,7 +50,7 @@ class SegmentationConfig:
     cell_channel: str = "AGP"
     cell_threshold_factor: float = 0.5
     max_cell_radius_frac: float = 1.5
-    illumination: Literal["none", "self", "files"] = "none"
+    illumination: Literal["auto", "none", "self", "files"] = "auto"
     illumination_sigma_frac: float = 0.25
 
     def __post_init__(self):
@@ -69,7 +73,7 @@ class QCConfig:
     """
 
     blur_threshold: float = 0.004
-    saturation_fraction: float = 0.01
+    saturation_fraction: float = field(default=0.01, metadata=bounds(ge=0, le=1))
     min_cells: int = 3
 
 
@@ -87,7 +91,7 @@ class FeatureConfig:
     """
 
     feature_set: Literal["default", "full"] = "default"
-    texture_scale: int = 3
+    texture_scale: int = field(default=3, metadata=bounds(ge=1))
     texture_directions: tuple[int, ...] = (0,)
     full_costes: bool = False
 
@@ -104,17 +108,20 @@ class ProfileConfig:
         batch_size: images per Ray Data batch.
         units_per_wave: units (plates/blocks) processed per Ray Data execution; each wave's units are
             written and committed before the next starts (what a killed run loses at most).
+        max_plane_bytes: largest decoded TIFF plane accepted (bytes, from the TIFF header, before decoding);
+            a site with a larger plane is rejected, so a small hostile file cannot ask for gigabytes.
     """
 
-    dataset: str = "real"
+    dataset: str = field(default="real", metadata=LAKE_NAME)
     single_cell: bool = False
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     qc: QCConfig = field(default_factory=QCConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    workers: int = 2
+    workers: int = field(default=2, metadata=bounds(ge=1))
     num_cpus_per_worker: float = 1.0
-    batch_size: int = 16
-    units_per_wave: int = 32
+    batch_size: int = field(default=16, metadata=bounds(ge=1))
+    units_per_wave: int = field(default=32, metadata=bounds(ge=1))
+    max_plane_bytes: int = field(default=DEFAULT_MAX_PLANE_BYTES, metadata=bounds(ge=1))
 
 
 DEMO = ProfileConfig(segmentation=SegmentationConfig(nucleus_diameter_px=12.0))

@@ -10,9 +10,10 @@ intensity, chromatin texture, cell size and elongation, and per-organelle intens
 - AGP (phalloidin/WGA): membranes where cells touch and at free edges, faint actin texture, a Golgi blob.
 - Mito (MitoTracker): puncta scattered through the cytoplasm, denser near the nucleus.
 
-Then the confounders' optics: per-channel gain and drift, an off-centre vignetting field, plate-edge
-dimming, source blur and background; Poisson shot noise (``photons_per_unit``) and Gaussian read noise;
-conversion to 16-bit counts.
+Then the confounders' optics: per-channel gain (source, batch drift, plate edge, within-plate gradient), an
+off-centre vignetting field, source blur and background; Poisson shot noise (``photons_per_unit``) and
+Gaussian read noise; conversion to 16-bit counts. :mod:`cpldm_core.simulate.oracle` feeds it a World's
+mechanisms for one condition.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from cpldm_core.simulate.world import PHENOTYPE_GAIN, PHENOTYPES, World, stream
+from cpldm_core.simulate.world import PHENOTYPE_GAIN, PHENOTYPES
 
 #: Digital counts per intensity unit. Typical foreground is 0.5-2 units, so 12,000 keeps the brightest
 #: nuclei below the 16-bit ceiling (65,535) while background stays a few hundred counts, as in JUMP TIFFs.
@@ -83,8 +84,7 @@ def render_site(rng: np.random.Generator, phenotype: np.ndarray, *, image_size: 
                 cells_per_site: float, cell_variability: float, photons_per_unit: float,
                 gain: np.ndarray, blur: float, background: float, read_noise: float,
                 illum_amplitude: float, illum_centre: tuple[float, float], cell_density: float,
-                cell_size: float, edge_intensity: float = 1.0, edge_density: float = 1.0,
-                return_truth: bool = False):
+                cell_size: float, return_truth: bool = False):
     """Render one site.
 
     Args:
@@ -95,12 +95,13 @@ def render_site(rng: np.random.Generator, phenotype: np.ndarray, *, image_size: 
         cells_per_site: expected cells per field at density 1.
         cell_variability: SD of per-cell phenotype noise (standard units).
         photons_per_unit: photons per intensity unit (Poisson shot noise).
-        gain: (5,) per-channel multiplicative gain (source gain x batch drift), channel order DNA..Mito.
+        gain: (5,) per-channel multiplicative gain (source gain x batch drift x plate edge x gradient at the
+            well: :meth:`World.channel_gain`), channel order DNA..Mito.
         blur: Gaussian PSF SD in pixels.
         background, read_noise: additive background and Gaussian read-noise SD, intensity units.
         illum_amplitude, illum_centre: vignetting depth at the corner and centre offset (fractions of field).
-        cell_density, cell_size: C->P multipliers of cell count and cell radius.
-        edge_intensity, edge_density: plate-edge multipliers of intensity and cell count (1 = inner well).
+        cell_density, cell_size: C->P multipliers of cell count (incl. plate edge and gradient at the well:
+            :meth:`World.cell_density`) and cell radius.
         return_truth: also return per-site truth (cell count, mean nuclear area in px).
     Returns:
         (5, image_size, image_size) uint16 image in channel order (DNA, ER, RNA, AGP, Mito); with
@@ -113,7 +114,7 @@ def render_site(rng: np.random.Generator, phenotype: np.ndarray, *, image_size: 
     scale = cell_diameter_px / 30.0  # texture scales follow magnification
 
     # ---- cells: count, centres, per-cell phenotype (compound shift + cell-to-cell noise)
-    expected = cells_per_site * cell_density * edge_density * np.exp(g["CellCount"] * z[_DIM["CellCount"]])
+    expected = cells_per_site * cell_density * np.exp(g["CellCount"] * z[_DIM["CellCount"]])
     n_target = max(int(rng.poisson(expected)), 1)
     radius0 = 0.5 * cell_diameter_px * cell_size
     pad = radius0
@@ -222,7 +223,7 @@ def render_site(rng: np.random.Generator, phenotype: np.ndarray, *, image_size: 
     r2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / (0.5 * size ** 2)
     field = np.clip(1.0 - illum_amplitude * r2, 0.05, None)
     stack = np.stack([dna, er, rna, agp, mito]).astype(np.float32)
-    stack *= (CHANNEL_BRIGHTNESS * np.asarray(gain) * edge_intensity)[:, None, None].astype(np.float32)
+    stack *= (CHANNEL_BRIGHTNESS * np.asarray(gain))[:, None, None].astype(np.float32)
     stack *= field[None].astype(np.float32)
     if blur > 0:
         stack = ndimage.gaussian_filter(stack, (0, blur, blur), mode="nearest")
@@ -239,29 +240,6 @@ def render_site(rng: np.random.Generator, phenotype: np.ndarray, *, image_size: 
         return image
     inside = (centres[:, 0] >= 0) & (centres[:, 0] < size) & (centres[:, 1] >= 0) & (centres[:, 1] < size)
     return image, {"n_cells": int(inside.sum()), "nucleus_area_px": float(np.mean(np.pi * nuc_r ** 2))}
-
-
-def render_world_site(world: World, well, site: int, return_truth: bool = False):
-    """Render site ``site`` (1-based) of one row of ``world.wells`` with that well's compound and confounders.
-
-    The random stream is keyed by (seed, plate, well, site), so any site can be rendered alone, in any
-    process, in any order, with the same pixels. Returns what :func:`render_site` returns.
-    """
-    cfg = world.config
-    conf = world.confounder_row(well.Metadata_Source, well.Metadata_Batch)
-    rng = stream(cfg.seed, "site", well.Metadata_Plate, well.Metadata_Well, site)
-    return render_site(
-        rng, world.phenotype[int(well.compound)], image_size=cfg.image_size,
-        cell_diameter_px=cfg.cell_diameter_px, cells_per_site=cfg.cells_per_site,
-        cell_variability=cfg.cell_variability, photons_per_unit=cfg.photons_per_unit,
-        gain=np.array([conf[f"Truth_Gain_{ch}"] for ch in ("DNA", "ER", "RNA", "AGP", "Mito")]),
-        blur=float(conf["Truth_SourceBlur"]), background=float(conf["Truth_Background"]),
-        read_noise=float(conf["Truth_ReadNoise"]), illum_amplitude=float(conf["Truth_IllumAmplitude"]),
-        illum_centre=(float(conf["Truth_IllumCentreX"]), float(conf["Truth_IllumCentreY"])),
-        cell_density=float(conf["Truth_CellDensity"]), cell_size=float(conf["Truth_CellSize"]),
-        edge_intensity=float(conf["Truth_EdgeIntensity"]) if well.edge else 1.0,
-        edge_density=float(conf["Truth_EdgeDensity"]) if well.edge else 1.0,
-        return_truth=return_truth)
 
 
 @lru_cache(maxsize=4)
