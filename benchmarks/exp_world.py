@@ -15,9 +15,10 @@ each scenario with seeds 0, 1, 2.
     python -m benchmarks.exp_world [--scenarios jump unconfounded no-effect] [--seeds 0 1 2] [--draws 10 20] [--control-draws 10]
                                    [--workdir benchmarks/_work/exp_world] [--out benchmarks/results/exp_world]
 
-Writes (``<out>`` = benchmarks/results/exp_world, outside the harness's RESULTS.md tables) ``<out>/exp_world_results.parquet`` (every fold value), ``<out>/exp_world_recovery.parquet`` (every
-compound's truth recovery), ``<out>/exp_world_verdicts.parquet`` and ``<out>/exp_world.md`` (the tables quoted
-in docs/world.md).
+Writes, under ``<out>`` (default benchmarks/results/exp_world, outside the harness's RESULTS.md tables):
+``exp_world_results.parquet`` (every fold value), ``exp_world_recovery.parquet`` (every compound's truth
+recovery), ``exp_world_verdicts.parquet`` and ``exp_world.md`` (the tables quoted in docs/world.md). The tables
+cover every evaluated world in ``--workdir``, so several invocations (seeds, scenarios) add up.
 """
 from __future__ import annotations
 
