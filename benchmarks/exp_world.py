@@ -9,7 +9,7 @@ model error in the way.
 
 Comparisons are paired: within a world, over the 10 folds (identical references for every data type) for mAP
 and ROC-AUC, and over compounds for truth recovery; across worlds, the per-world mean differences (one number
-per seed; the sign test and a one-sample t over seeds). Nothing is tuned: the worlds are the ``demo`` preset of
+per seed: how many worlds favour the arm, and a one-sample t over seeds). Nothing is tuned: the worlds are the ``demo`` preset of
 each scenario with seeds 0, 1, 2.
 
     python -m benchmarks.exp_world [--scenarios jump unconfounded no-effect] [--seeds 0 1 2] [--draws 10 20] [--control-draws 10]
