@@ -53,8 +53,7 @@ class DemoConfig:
 
 
 DEMO_PRESETS = {
-    # tiny (CI): guidance > 1 is covered by tests/test_generate.py; the demo preset generates it
-    "tiny": DemoConfig(preset="tiny", draws=(2, 4), oracle_draws=(2,), truth_draws=4, guidance_draws=()),
+    "tiny": DemoConfig(preset="tiny", draws=(2, 4), oracle_draws=(2,), truth_draws=4, guidance_draws=(2,)),
     # the paper's N are 10 and 100; N=20 keeps the demo within 20 minutes on 2 CPU cores. The oracles and
     # guidance > 1 (two U-Net passes per step) run at the smaller N only, the truth at N=20 (docs/generate.md)
     "demo": DemoConfig(preset="demo", draws=(10, 20), oracle_draws=(10,), truth_draws=20, guidance_draws=(10,)),
