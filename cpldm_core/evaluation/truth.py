@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from cpldm_core.evaluation.normalize import MAD_TO_SD
+from cpldm_core.evaluation.normalize import MAD_TO_SD, _reference_rows
 
 TRUTH_DATASET = "truth"
 
@@ -50,14 +50,10 @@ def normalize_masked(values: np.ndarray, groups: np.ndarray, is_control: np.ndar
     groups = np.asarray(groups)
     is_control = np.asarray(is_control, dtype=bool)
     out = np.full(values.shape, np.nan, dtype=np.float32)
-    for group in pd.unique(groups):
-        rows = groups == group
-        ref_rows = rows & is_control
-        if not ref_rows.any():
-            ref_rows = rows
+    for _, rows, ref_rows, _ in _reference_rows(groups, is_control):   # the recipe's own control-row rule
         ref = values[ref_rows]
         with np.errstate(all="ignore"):
-            median = np.nanmedian(ref, axis=0) if len(ref) else np.full(values.shape[1], np.nan)
+            median = np.nanmedian(ref, axis=0)
             mad = np.nanmedian(np.abs(ref - median), axis=0) * MAD_TO_SD
             scaled = (values[rows] - median) / (mad + epsilon)
         usable = np.isfinite(mad) & (mad > 0)
