@@ -30,11 +30,12 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipelines.cluster_local import free_port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +173,6 @@ def measure_sampling(shapes: Shapes, device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- 2-process DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, shapes: Shapes, use_cuda: bool, out_dir: str) -> None:
     """One DDP rank: the same train step wrapped in ``DistributedDataParallel``; writes ``rank<k>.json``."""
     import torch
@@ -213,7 +208,7 @@ def measure_ddp(shapes: Shapes, use_cuda: bool, world: int = 2) -> dict:
     if not use_cuda:   # gloo picks an interface from the host name: keep it on loopback
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_ddp_worker, args=(world, _free_port(), shapes, use_cuda, out_dir), nprocs=world, join=True)
+        mp.spawn(_ddp_worker, args=(world, free_port(), shapes, use_cuda, out_dir), nprocs=world, join=True)
         slowest = max(json.loads(Path(out_dir, f"rank{r}.json").read_text())["seconds"] for r in range(world))
     return {"samples_per_s": world * shapes.train_batch * shapes.train_steps / slowest, "world": world}
 

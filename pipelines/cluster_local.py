@@ -57,11 +57,32 @@ class LocalHead:
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+def free_ports(count: int, avoid: tuple[int, ...] = ()) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (ephemeral range, away from Ray's worker ports 10002-19999).
+
+    All sockets stay bound until every port is chosen: asking one at a time lets the kernel hand back the
+    same just-released port twice (CI once started a head whose GCS and dashboard got the same port).
+    Ports in ``avoid`` (already promised to the caller's other components) are never returned.
+    """
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in avoid and port not in ports:
+                ports.append(port)
+        return ports
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (from the ephemeral range, away from Ray's worker ports 10002-19999)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """One free TCP port on 127.0.0.1 (see :func:`free_ports` when a caller needs several)."""
+    return free_ports(1)[0]
 
 
 def _port_open(port: int) -> bool:
@@ -95,12 +116,15 @@ def up_local(port: int = DEFAULT_PORT, dashboard_port: int = DEFAULT_DASHBOARD_P
     for name, p in (("--port", port), ("--dashboard-port", dashboard_port)):
         if _port_open(p):
             raise UserError(f"{name} {p} is already in use on 127.0.0.1 (another Ray head?); pick another port")
-    client_port = client_port or free_port()
+    if port == dashboard_port:
+        raise UserError(f"--port and --dashboard-port are both {port}; give the head two different ports")
+    client_port_free, agent_port = free_ports(2, avoid=(port, dashboard_port, client_port or 0))
+    client_port = client_port or client_port_free
     auth_mode = os.environ.get("RAY_AUTH_MODE", "token")
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     cmd = [ray_executable(), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-           "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(free_port()),
+           "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
            "--temp-dir", temp_dir, "--disable-usage-stats"]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]

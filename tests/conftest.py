@@ -7,7 +7,6 @@ metadata address.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from pathlib import Path
 
@@ -43,12 +42,6 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """URL of a real moto S3 server on 127.0.0.1 (random free port), started and stopped here.
@@ -57,7 +50,9 @@ def s3_endpoint():
     """
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    from pipelines.cluster_local import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"

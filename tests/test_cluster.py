@@ -138,8 +138,9 @@ def test_local_head_runs_a_stage_as_a_job(tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     temp = _short_temp()
-    head = cluster_local.up_local(port=cluster_local.free_port(), dashboard_port=cluster_local.free_port(),
-                                  temp_dir=temp, num_cpus=2, object_store_bytes=int(2e8))
+    gcs_port, dashboard_port = cluster_local.free_ports(2)
+    head = cluster_local.up_local(port=gcs_port, dashboard_port=dashboard_port, temp_dir=temp,
+                                  num_cpus=2, object_store_bytes=int(2e8))
     try:
         assert cluster_local.status_local(temp)["gcs_up"]
         lake_dir = tmp_path / "lake"
