@@ -29,8 +29,27 @@ def test_rowwise_correlations_equal_scipy_per_row():
     ids = np.array([f"c{i}" for i in range(12)], dtype=object)
     rec = truth_recovery(ids[::-1], x[::-1], ids[:10], y[:10])   # alignment by id, not by row
     assert list(rec["Metadata_JCP2022"]) == sorted(ids[:10])
-    naive = pd.DataFrame(x, index=ids).T.corrwith(pd.DataFrame(y, index=ids).T)
+    # reference: pandas, each side centred on the mean over the compared compounds
+    px, py = pd.DataFrame(x, index=ids).loc[ids[:10]], pd.DataFrame(y, index=ids).loc[ids[:10]]
+    naive = (px - px.mean()).T.corrwith((py - py.mean()).T)
     np.testing.assert_allclose(rec["pearson_r"], naive.loc[rec["Metadata_JCP2022"]].to_numpy(), atol=1e-12)
+    naive_s = (px - px.mean()).T.corrwith((py - py.mean()).T, method="spearman")
+    np.testing.assert_allclose(rec["spearman_r"], naive_s.loc[rec["Metadata_JCP2022"]].to_numpy(), atol=1e-12)
+
+
+def test_a_component_shared_by_every_treatment_is_not_credited():
+    """The no-effect control's failure: no compound effect, but every treatment shares one vector (the wells of
+    p'(C) differ from the DMSO wells) in the truth and in a data type alike. Recovery must stay at chance."""
+    rng = np.random.default_rng(4)
+    n, k = 60, 40
+    shared = 3 * rng.normal(size=k)
+    truth = shared + rng.normal(size=(n, k))
+    profiles = shared + rng.normal(size=(n, k))          # independent of the truth apart from `shared`
+    ids = np.array([f"c{i:03d}" for i in range(n)], dtype=object)
+    rec = truth_recovery(ids, profiles, ids, truth)
+    assert abs(rec["pearson_r"].mean()) < 0.05 and abs(rec["spearman_r"].mean()) < 0.05
+    uncentred = rowwise_correlations(profiles, truth)[0]
+    assert uncentred.mean() > 0.7                       # what the metric credited before centring
 
 
 def test_a_per_moa_offset_lowers_truth_recovery():

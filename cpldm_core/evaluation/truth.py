@@ -16,7 +16,8 @@ DMSO rows, clipped at the recipe's outlier threshold). Where a plate's DMSO rows
 compound mean uses the other plates, and a compound missing everywhere gets 0 (the DMSO median).
 
 Truth recovery of a compound is the Pearson and the Spearman correlation, across the common features,
-between its treatment profile and its truth profile. Nothing is fitted: a bias that follows the labels (a
+between its treatment profile and its truth profile, each centred on its data type's mean compound (so a
+component shared by every treatment is not credited). Nothing is fitted: a bias that follows the labels (a
 per-MoA offset) moves the profile away from the truth and lowers the correlation, whereas a map fitted per
 data type (the former ridge metric) absorbed it.
 """
@@ -134,6 +135,13 @@ def truth_recovery(compounds: np.ndarray, profiles: np.ndarray, truth_ids: np.nd
                    ) -> pd.DataFrame:
     """Per compound with a truth profile: Pearson and Spearman r of its profile with the truth profile.
 
+    Both sides are first centred on their own mean compound (the column mean over the compounds compared):
+    what is scored is how each compound differs from the others, not a component every treatment shares.
+    Without centring, the no-effect control (no compound changes anything) gave the c-aware oracle a recovery
+    of 0.19 against real's -0.03: treatment wells drawn from p'(C) differ from the DMSO wells they are
+    normalised against in the same way for every compound, in the oracle and in the truth alike, and that
+    shared vector correlated with itself (docs/world.md).
+
     Args:
         compounds: (m,) ids of ``profiles`` rows (m, k). truth_ids: (t,) ids of ``truth`` rows (t, k); both on
             the common feature set, same column order.
@@ -144,7 +152,11 @@ def truth_recovery(compounds: np.ndarray, profiles: np.ndarray, truth_ids: np.nd
     row_of = {c: i for i, c in enumerate(truth_ids)}
     common = sorted(c for c in compounds if c in row_of)
     pos = {c: i for i, c in enumerate(compounds)}
-    p = np.asarray(profiles)[[pos[c] for c in common]] if common else np.zeros((0, np.shape(truth)[1]))
-    t = np.asarray(truth)[[row_of[c] for c in common]] if common else np.zeros((0, np.shape(truth)[1]))
+    k = np.shape(truth)[1]
+    p = np.asarray(profiles, np.float64)[[pos[c] for c in common]] if common else np.zeros((0, k))
+    t = np.asarray(truth, np.float64)[[row_of[c] for c in common]] if common else np.zeros((0, k))
+    if len(common) > 1:   # a single compound has no "others" to differ from: left as it is
+        p = p - p.mean(axis=0)
+        t = t - t.mean(axis=0)
     pr, sr = rowwise_correlations(p, t)
     return pd.DataFrame({"Metadata_JCP2022": np.array(common, dtype=object), "pearson_r": pr, "spearman_r": sr})
