@@ -396,7 +396,7 @@ def evaluate_wells(meta: pd.DataFrame, values: np.ndarray, names: list[str], lab
                                                  cfg.mad_epsilon, transform)
         if substitute is not None:
             t_prof, _ = substitute_profiles(t_ids, t_prof, substitute)
-        recovery = truth_recovery(t_ids, t_prof, truth.compounds, truth.profiles)
+        recovery = truth_recovery(t_ids, t_prof, truth.compounds, truth.profiles, groups=split_of(t_ids))
         recovery.insert(1, "query_split", split_of(recovery[COMPOUND].to_numpy()))
         for name, group in recovery.groupby("query_split"):
             for metric, col in (("truth-pearson-mean", "pearson_r"), ("truth-spearman-mean", "spearman_r")):
