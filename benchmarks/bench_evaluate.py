@@ -17,13 +17,11 @@ import tracemalloc
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from benchmarks import harness
 from cpldm_core.evaluation.crossval import cross_validate
 from cpldm_core.evaluation.labels import moa_labels, target_labels
-from cpldm_core.evaluation.simulated_profiles import simulate_profiles
-from storage_schemas.columns import DMSO_JCP2022
+from tests._fixtures import write_evaluation_lake
 
 N_FEATURES = 300      # order of a feature-selected CellProfiler profile (JUMP-MOA plate here: 357)
 N_TRUTH = 16
@@ -50,72 +48,6 @@ def _world(n: int, seed: int = 0):
 
 
 # ---------------------------------------------------------------------------------------------- a lake
-def features_table(meta: pd.DataFrame, values: np.ndarray, names, draw=None) -> pa.Table:
-    """A ``features_well`` part: the six metadata columns, Metadata_Draw (null for real wells), then features."""
-    draws = pa.array(draw, pa.int32()) if draw is not None else pa.nulls(len(meta), pa.int32())
-    cols = {c: meta[c].astype(str).to_numpy() for c in ("Metadata_Source", "Metadata_Batch", "Metadata_Plate",
-                                                        "Metadata_Well", "Metadata_JCP2022", "Metadata_pert_type")}
-    table = pa.table({**cols,
-                      "Metadata_Draw": draws,
-                      "Metadata_SiteCount": pa.array(np.full(len(meta), 4), pa.int32())})
-    for j, n in enumerate(names):
-        table = table.append_column(n, pa.array(values[:, j], pa.float32()))
-    return table
-
-
-def synthetic_draws(world, draws, batch_strength, seed):
-    """Draw-level rows: each compound x draw gets a uniformly drawn batch (independent of the compound)."""
-    rng = np.random.default_rng(seed)
-    truth, names = world["truth"], world["features"]
-    loadings = np.random.default_rng(99).normal(size=(truth.shape[1], len(names))) / np.sqrt(truth.shape[1])
-    offsets = rng.normal(size=(4, len(names))) * batch_strength
-    rows, values = [], []
-    compounds = list(truth.index) + [DMSO_JCP2022]
-    for cmp in compounds:
-        effect = truth.loc[cmp].to_numpy() @ loadings if cmp != DMSO_JCP2022 else np.zeros(len(names))
-        for d in range(draws):
-            b = int(rng.integers(0, 4))
-            rows.append({"Metadata_Source": f"source_{1 + b % 2}", "Metadata_Batch": f"batch_{b}",
-                         "Metadata_Plate": "synthetic", "Metadata_Well": f"A{d + 1:02d}", "Metadata_JCP2022": cmp,
-                         "Metadata_pert_type": "negcon" if cmp == DMSO_JCP2022 else "trt", "draw": d})
-            values.append(effect + offsets[b] + 0.5 * rng.normal(size=len(names)))
-    meta = pd.DataFrame(rows)
-    return meta, np.asarray(values, np.float32)
-
-
-def write_evaluation_lake(lake, n_compounds: int = 48, n_features: int = 24, seed: int = 0) -> dict:
-    """Write what ``cpldm evaluate`` reads: ``features_well`` of ``real`` (a confounded simulated world) and of two
-    generation runs (``scm-N3``, ``scm-free-N3``, with their ``synthetic/<run>/config.json``), annotations, the
-    compound split and the truth. Returns the simulated world. ``tests/test_evaluate_pipeline.py`` uses it too."""
-    world = simulate_profiles(n_compounds=n_compounds, n_moas=4, n_features=n_features, wells_per_compound=2,
-                              n_batches=4, dmso_per_batch=8, batch_strength=1.0, confounded=True, seed=seed)
-    names = world["features"]
-    meta, values = world["meta"], world["values"]
-    for plate, rows in meta.groupby("Metadata_Plate").groups.items():
-        lake.write_named("features_well", features_table(meta.loc[rows], values[rows], names),
-                         part=f"plate-{plate}", partition={"dataset": "real"})
-    for k, (run, kind) in enumerate((("scm-N3", "scm"), ("scm-free-N3", "scm-free"))):
-        smeta, svalues = synthetic_draws(world, 3, 1.0 if kind == "scm" else 2.0, seed=seed + 1 + k)
-        lake.write_named("features_well", features_table(smeta, svalues, names, smeta["draw"].to_numpy()),
-                         part="block-0", partition={"dataset": run})
-        lake.write_json(f"synthetic/{run}/config.json", {"config": {}, "generation": {"model_kind": kind, "draws": 3}})
-    ann = world["annotations"]
-    lake.write_named("annotations_moa", pa.table({"Metadata_JCP2022": ann["Metadata_JCP2022"].to_numpy(),
-                                                  "Metadata_InChIKey": pa.nulls(len(ann), pa.string()),
-                                                  "Metadata_moa": ann["Metadata_moa"].to_numpy()}))
-    tgt = ann.assign(t=ann["Metadata_target"].str.split("|")).explode("t")
-    lake.write_named("annotations_target", pa.table({"Metadata_JCP2022": tgt["Metadata_JCP2022"].to_numpy(),
-                                                     "Metadata_InChIKey": pa.nulls(len(tgt), pa.string()),
-                                                     "Metadata_target": tgt["t"].to_numpy()}))
-    split = world["split"]
-    lake.write_named("split_compounds", pa.table({"Metadata_JCP2022": split.index.to_numpy(),
-                                                  "Metadata_CompoundSplit": split.to_numpy()}))
-    truth = world["truth"].reset_index()
-    truth.insert(1, "Metadata_moa", world["moa_of"].loc[truth["Metadata_JCP2022"]].to_numpy())
-    lake.write_named("truth_compounds", pa.Table.from_pandas(truth, preserve_index=False))
-    return world
-
-
 def bench_ray_scaling(quick: bool) -> list[dict]:
     """``cpldm evaluate`` on a local lake of four data types, with 1 and then 2 data types evaluated at once as Ray
     tasks (``concurrency``), in one run on a private 2-CPU Ray."""

@@ -5,7 +5,7 @@ The lake is a *toy* one built here (random-weight tiny/small U-Net and VAE of th
 compound vectors, 3 sources x 2 batches, a 4 x 6 well grid): throughput depends on the network shapes and the
 sampler, not on the weights. ``python -m benchmarks.bench_generate [--quick]`` prints a markdown table.
 
-:func:`build_toy_lake` is also what ``tests/test_generate.py`` generates from.
+:func:`tests._fixtures.build_toy_lake` (what ``tests/test_generate.py`` generates from) builds it.
 """
 from __future__ import annotations
 
@@ -16,78 +16,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-
-SOURCES = ("source_1", "source_2", "source_3")
-BATCHES = tuple((s, f"{s}_2024_0{k + 1}_Batch{k + 1}") for s in SOURCES for k in range(2))
-WELLS = tuple(f"{r}{c:02d}" for r in "ABCD" for c in range(1, 7))
-TOY_ENCODER = "toy-enc"
-TOY_VAE = "toy-vae"
-
-
-def toy_compounds(n: int) -> list[str]:
-    from storage_schemas.columns import DMSO_JCP2022
-    return [DMSO_JCP2022] + [f"JCP2022_{k:06d}" for k in range(1, n)]
-
-
-def build_toy_lake(lake, kinds=("scm", "scm-free"), n_compounds: int = 6, unet: str = "tiny",
-                   latent_side: int = 4, vae_arch: str = "tiny", compound_dim: int = 16, seed: int = 0) -> dict:
-    """Write a trained-looking toy lake: ``models/<kind>/final`` for each kind, ``vae/toy-vae``,
-    ``latents/toy-vae/normalisation.json``, an ``embeddings`` partition (committed), ``split_compounds`` and
-    ``split_batches``. Images are ``8 * latent_side`` px square. Returns what was written."""
-    import torch
-
-    from cpldm_core.autoencoder import build_vae
-    from cpldm_core.denoiser import UNET_PRESETS, ConfounderAwareDenoiser, ConfounderVocab
-    from cpldm_core.diffusion import ScheduleConfig
-    from pipelines.embed import unit_stage
-
-    compounds = toy_compounds(n_compounds)
-    vocab = ConfounderVocab.fit([s for s, _ in BATCHES], [b for _, b in BATCHES], WELLS)
-    unet_cfg = dict(UNET_PRESETS[unet], sample_size=latent_side)
-    metadata = {"schedule": ScheduleConfig().to_dict(), "vae_id": TOY_VAE, "encoder_id": TOY_ENCODER}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for kind in kinds:
-            torch.manual_seed(seed)   # per component: the weights must not depend on which kinds were built
-            model = ConfounderAwareDenoiser(unet=unet_cfg, kind=kind, vocab=vocab, compound_dim=compound_dim,
-                                            metadata=metadata)
-            model.save_pretrained(tmp / kind)
-            for f in sorted((tmp / kind).iterdir()):
-                lake.write_bytes(f"models/{kind}/final/{f.name}", f.read_bytes())
-            # what `cpldm train` records beside a model: every toy batch x well was "observed with treatments"
-            lake.write_named("confounder_support", pa.table(
-                {"Metadata_Source": [s for s, _ in BATCHES for _ in WELLS],
-                 "Metadata_Batch": [b for _, b in BATCHES for _ in WELLS],
-                 "Metadata_Well": [w for _ in BATCHES for w in WELLS]}), part="support", partition={"model": kind})
-        torch.manual_seed(seed + 1)
-        vae = build_vae(vae_arch, sample_size=8 * latent_side)
-        vae.save_pretrained(tmp / "vae")
-        for f in sorted((tmp / "vae").iterdir()):
-            lake.write_bytes(f"vae/{TOY_VAE}/{f.name}", f.read_bytes())
-    lake.write_json(f"latents/{TOY_VAE}/normalisation.json",
-                    {"method": "global-per-channel-robust-percentile", "low": [100.0, 200.0, 150.0, 120.0, 90.0],
-                     "high": [40000.0, 30000.0, 35000.0, 25000.0, 20000.0]})
-    # what ingest records beside a latent cache: where the VAE is and the channel groups
-    lake.write_json(f"latents/{TOY_VAE}/config.json",
-                    {"config": {"channel_groups": [[0, 1, 2], [2, 3, 4]]},
-                     "vae_source": {"vae_id": TOY_VAE, "kind": "lake", "path": f"vae/{TOY_VAE}", "subfolder": None}})
-    rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(len(compounds), compound_dim)).astype(np.float32)
-    table = pa.table({
-        "Metadata_JCP2022": compounds, "Metadata_InChIKey": [f"KEY{k}" for k in range(len(compounds))],
-        "Metadata_CanonicalSMILES": ["C" * (k + 1) for k in range(len(compounds))],
-        "embedding": pa.array(list(vectors), type=pa.list_(pa.float32())),
-        "Metadata_TokenRow": pa.nulls(len(compounds), pa.int64())})
-    lake.write_named("embeddings", table, part="part-toy", partition={"encoder": TOY_ENCODER})
-    lake.commit_unit(unit_stage(TOY_ENCODER), "part-toy")
-    split = ["seen" if k % 3 else "unseen" for k in range(len(compounds))]
-    lake.write_named("split_compounds", pa.table({"Metadata_JCP2022": compounds, "Metadata_CompoundSplit": split}))
-    lake.write_named("split_batches", pa.table({"Metadata_Source": [s for s, _ in BATCHES],
-                                                "Metadata_Batch": [b for _, b in BATCHES],
-                                                "Metadata_BatchSplit": ["train"] * len(BATCHES)}))
-    return {"compounds": compounds, "vocab": vocab, "image_side": 8 * latent_side}
+from tests._fixtures import build_toy_lake   # shared with tests/test_generate.py
 
 
 # ---------------------------------------------------------------------------------------------- measurements

@@ -21,36 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
+from tests._fixtures import write_manifest_parts
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = "bench-run"
-SOURCES = ("source_1", "source_2", "source_3", "source_4")
-
-
-def manifest_rows(start: int, n: int, run: str = RUN) -> pa.Table:
-    """Design rows ``start .. start + n`` of a generation manifest (schema ``synthetic_manifest``)."""
-    i = np.arange(start, start + n, dtype=np.int64)
-    wells = np.array([f"{r}{c:02d}" for r in "ABCDEFGHIJKLMNOP" for c in range(1, 25)])
-    return pa.table({
-        "run": [run] * n, "Metadata_DesignRow": i, "Metadata_Block": i // 8,
-        "Metadata_JCP2022": np.char.add("JCP2022_", np.char.zfill((i // 40).astype(str), 6)),
-        "Metadata_Draw": (i % 10).astype(np.int32), "Metadata_Replicate": (i % 4).astype(np.int32),
-        "Metadata_Source": np.array(SOURCES)[i % len(SOURCES)],
-        "Metadata_Batch": np.char.add(np.array(SOURCES)[i % len(SOURCES)], "_batch1"),
-        "Metadata_Well": wells[i % len(wells)], "Metadata_Seed": i * 7919 + 1, "Metadata_ImageRow": i,
-        "Metadata_Model": ["scm"] * n, "Metadata_ModelKind": ["scm"] * n, "Metadata_Sampler": ["dpm++"] * n,
-        "Metadata_SamplerSteps": np.full(n, 20, np.int32), "Metadata_GuidanceScale": np.ones(n, np.float32)})
-
-
-def write_manifest_parts(lake, rows: int, parts: int, run: str = RUN, config: dict | None = None) -> None:
-    """``rows`` manifest rows of ``run`` in ``parts`` parts, each written as ``cpldm generate`` writes one."""
-    bounds = np.linspace(0, rows, parts + 1).astype(int)
-    for k in range(parts):
-        lake.write_named("synthetic_manifest", manifest_rows(int(bounds[k]), int(bounds[k + 1] - bounds[k]), run),
-                         config=config or {"run": run, "sampler": "dpm++"}, part=f"block-{k:06d}",
-                         partition={"run": run})
 
 
 _CHILD = """

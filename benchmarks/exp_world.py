@@ -47,15 +47,18 @@ def _steps_without_models(cfg) -> list[str]:
     return [n for n in names if not n.startswith("train-") and n not in drop]
 
 
-def run_world(workdir: Path, scenario: str, seed: int, draws: tuple[int, ...], truth_draws: int) -> Path:
-    """Build and evaluate one world (resumable: committed demo steps are skipped). Returns its lake path."""
+def run_world(workdir: Path, scenario: str, seed: int, draws: tuple[int, ...], truth_draws: int,
+              tiny_vae: bool = True) -> Path:
+    """Build and evaluate one world (resumable: committed demo steps are skipped). Returns its lake path.
+    ``tiny_vae=False`` keeps the demo VAE (for experiments whose model arms decode latents)."""
     from cpldm_core import autoencoder
     from pipelines.demo import DEMO_PRESETS, run
     from pipelines.storage import Lake
 
     # No arm here decodes latents: the oracles and the truth render with the simulator and only borrow ingest's
     # normalisation and crop, which do not depend on the VAE. The tiny VAE (seconds, not minutes) serves ingest.
-    autoencoder.FIT_VAE_PRESETS["demo"] = autoencoder.FIT_VAE_PRESETS["tiny"]
+    if tiny_vae:
+        autoencoder.FIT_VAE_PRESETS["demo"] = autoencoder.FIT_VAE_PRESETS["tiny"]
 
     lake_dir = workdir / f"{scenario}-seed{seed}"
     cfg = dataclasses.replace(DEMO_PRESETS["demo"], scenario=scenario, seed=seed, oracle_draws=tuple(draws),

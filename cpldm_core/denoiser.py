@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from cpldm_core.errors import UserError
+from cpldm_core.load_data import split_well  # one well-name parser, re-exported for the vocabulary
 
 #: Names of the four confounders, in the column order of ``ConfounderVocab.encode``'s output.
 CONFOUNDERS = ("source", "batch", "well_row", "well_col")
@@ -61,16 +61,6 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                  attention_head_dim=1, cross_attention_dim=32, norm_num_groups=8),
 }
-
-_WELL = re.compile(r"^([A-Za-z]+)(\d+)$")
-
-
-def split_well(well: str) -> tuple[str, int]:
-    """``"A01"`` -> ``("A", 1)``; 1536-well names (``"AF48"``) work too. Raises :class:`UserError` otherwise."""
-    m = _WELL.match(str(well).strip())
-    if not m:
-        raise UserError(f"well {well!r} is not a plate well name like 'A01'")
-    return m.group(1).upper(), int(m.group(2))
 
 
 @dataclass(frozen=True)

@@ -152,8 +152,8 @@ def well_row_index(row: str) -> int:
 
 
 def split_well(well: str) -> tuple[str, int]:
-    """``"B07"`` -> ``("B", 7)``."""
-    m = WELL_PATTERN.match(well)
+    """``"B07"`` -> ``("B", 7)``; 1536-well names (``"AF48"``) too. Raises :class:`UserError` otherwise."""
+    m = WELL_PATTERN.match(str(well).strip())
     if not m:
         raise UserError(f"{well!r} is not a well position like A01")
     return m.group(1).upper(), int(m.group(2))

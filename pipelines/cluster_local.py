@@ -207,9 +207,10 @@ def head_processes(temp_dir: str) -> list[int]:
     return sorted(found)
 
 
-def stop_processes(temp_dir: str, grace_s: float = 10.0) -> int:
-    """SIGTERM the head's processes, SIGKILL what is left after ``grace_s``; returns how many were found."""
-    pids = head_processes(temp_dir)
+def stop_processes(temp_dir: str, grace_s: float = 10.0, extra: tuple[int, ...] = ()) -> int:
+    """SIGTERM the head's processes (those of ``temp_dir``, if given, and the ``extra`` pids), SIGKILL what is left
+    after ``grace_s``; returns how many survived."""
+    pids = sorted(set(head_processes(temp_dir) if temp_dir else ()) | set(extra))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:

@@ -1,7 +1,8 @@
 """``cpldm demo``: the whole method end to end on the embedded default.
 
-simulate -> catalog -> fit-vae -> ingest -> embed -> train scm and scm-free -> generate (N small and N large, both
-models, from identical noise) -> profile real and synthetic -> evaluate -> report.
+simulate -> catalog -> fit-vae -> ingest -> embed -> train scm and scm-free -> generate (both models at N=10 with
+and without guidance, from identical noise; the oracles; the truth run) -> vae-recon (the VAE's ceiling) -> profile
+real and synthetic -> gallery (images of cells) -> evaluate -> report.
 
 Every step calls the stage's own ``run(lake, config)`` (the same code ``cpldm <stage>`` and ``ray job submit``
 run), on an in-process Ray unless ``--ray-address``/``RAY_ADDRESS`` is given. Each finished step is committed with
@@ -53,8 +54,9 @@ class DemoConfig:
 
 
 DEMO_PRESETS = {
-    # CI-sized: one N per arm (its test takes ~11 min of the suite's budget on 2 cores)
-    "tiny": DemoConfig(preset="tiny", draws=(2,), oracle_draws=(2,), truth_draws=4, guidance_draws=(2,)),
+    # CI-sized: one N per arm and no guided arms (tests/test_generate.py covers guidance); its test took 9.7 min
+    # of the suite's budget on 2 cores with the guided arms
+    "tiny": DemoConfig(preset="tiny", draws=(2,), oracle_draws=(2,), truth_draws=4, guidance_draws=()),
     # the paper's N are 10 and 100; the demo generates N=10 only (with N=20 arms it took 25.5 min on 2 CPU
     # cores, over its 20-minute budget); the N sweep is an experiment (docs/world.md). The truth uses N=20.
     "demo": DemoConfig(preset="demo", draws=(10,), oracle_draws=(10,), truth_draws=20, guidance_draws=(10,)),
@@ -65,7 +67,8 @@ MODELS = ("scm", "scm-free")
 
 def _steps(cfg: DemoConfig) -> list[tuple[str, Callable[[Lake], dict]]]:
     """The demo's steps in order, each a (name, function of the lake) pair."""
-    from pipelines import catalog, embed, evaluate, fit_vae, generate, ingest, profile, simulate, train
+    from pipelines import (catalog, embed, evaluate, fit_vae, gallery, generate, ingest, profile, simulate, train,
+                           vae_recon)
     from cpldm_core.autoencoder import FIT_VAE_PRESETS
     from cpldm_core.compounds import EMBED_PRESETS
     from cpldm_core.design import generate_preset
@@ -110,9 +113,14 @@ def _steps(cfg: DemoConfig) -> list[tuple[str, Callable[[Lake], dict]]]:
     truth = generate_preset(p, oracle="c-aware", draws=cfg.truth_draws, run="truth")
     gen_runs.append(truth.run_name)
     steps.append(("generate-truth", lambda lake, g=truth: generate.run(lake, g)))
+    # the VAE's ceiling: the real arm's evaluated crops encoded and decoded, profiled like a generation run
+    steps.append(("vae-recon", lambda lake: vae_recon.run(lake, vae_recon.PRESETS[p])))
+    gen_runs.append(vae_recon.RUN)
     steps.append(("profile-real", lambda lake: profile.run(lake, PROFILE_PRESETS[p], dataset="real")))
     for gen_run in gen_runs:
         steps.append((f"profile-{gen_run}", lambda lake, d=gen_run: profile.run(lake, PROFILE_PRESETS[p], dataset=d)))
+    # pictures first: the evaluation report links the gallery written under eval/<run>/gallery/
+    steps.append(("gallery", lambda lake: gallery.run(lake, gallery.GalleryConfig(run=cfg.evaluation_run))))
     steps.append(("evaluate", lambda lake: evaluate.run(lake, replace(EVAL_PRESETS[p], run=cfg.evaluation_run))))
     return steps
 

@@ -11,8 +11,9 @@ Outputs (``storage_schemas/embeddings.py``): table ``embeddings`` under ``embedd
 
 Exactly-once: a unit's part counts as cached only once its marker exists; parts without a marker (a run
 killed midway) are deleted at the start of the next run and their compounds redone. Token rows are allocated
-from the committed rows only, so a redone unit overwrites whatever the killed one left.
-Concurrent runs on the same encoder id are not supported.
+from the committed rows only, so a redone unit overwrites whatever the killed one left. One run at a time extends
+an encoder's cache (a claim on it, :meth:`Lake.wait_and_claim`): a second run started meanwhile waits, then
+embeds only what the first did not.
 
 Reading for training: :func:`load_embeddings` -> ``(ids, pooled, tokens, mask)`` sorted by JCP2022 id.
 """
@@ -38,6 +39,8 @@ from storage_schemas import embeddings as schema
 log = logging.getLogger(__name__)
 
 STAGE = "embed"
+#: Claim held by the one run that extends an encoder's cache (no unit is named so: units are ``part-<hash>``).
+CACHE_UNIT = "_cache"
 ID_COLUMNS = ("Metadata_JCP2022", "ID", "id")                 # accepted id column names of --smiles files
 SMILES_COLUMNS = ("Metadata_SMILES", "SMILES", "smiles")      # accepted SMILES column names
 
@@ -316,6 +319,19 @@ def run(lake, config: cc.EmbedConfig | None = None, smiles_file: str | None = No
     inputs, input_rejects = gather_inputs(lake, smiles_file, include_catalog)
     dim = molt5_dim(cfg.molt5_model) if cfg.encoder == "molt5" else cfg.morgan_bits  # fails early on a bad model
     check_or_write_config(lake, enc_id, cfg)
+    # one run at a time per encoder: units are planned from what is cached, so two runs would split the same
+    # compounds differently and both place them at the same token rows; a second run waits for the first,
+    # then finds its compounds cached
+    lake.wait_and_claim(unit_stage(enc_id), CACHE_UNIT)
+    try:
+        return embed_missing(lake, cfg, enc_id, inputs, input_rejects, dim)
+    finally:
+        lake.release_unit(unit_stage(enc_id), CACHE_UNIT)
+
+
+def embed_missing(lake, cfg: cc.EmbedConfig, enc_id: str, inputs: pd.DataFrame, input_rejects: list[dict],
+                  dim: int) -> dict:
+    """Embed the ``inputs`` not yet cached for ``enc_id`` (under the caller's claim on the cache); see :func:`run`."""
     _, stale = committed_parts(lake, enc_id)
     for rel in stale:  # outputs of units a killed run never committed: redo them
         lake.delete(rel)

@@ -32,8 +32,11 @@ from cpldm_core.evaluation.recipe import DOSE, TruthReference
 from cpldm_core.evaluation.statistics import compare_data_types, paired_and_verdicts
 from cpldm_core.evaluation.baselines import nearest_seen_neighbours
 from cpldm_core.evaluation.truth import TRUTH_DATASET
+from pipelines.gallery import gallery_figures
+from pipelines.profile import _safe
 from pipelines.profile_import import dataset_is_imported, dataset_is_normalized
 from pipelines.storage import Lake
+from storage_schemas.artifacts import EvalRun, artifact_dir, read_record, write_record
 from storage_schemas.columns import DMSO_JCP2022, FEATURE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ HARMONY = "real-harmony"
 REAL_ALL = "real-allwells"
 #: baseline: each compound takes the real profile of its nearest seen neighbour by Tanimoto.
 CHEM_NN = "chemistry-nn"
+#: baseline: real crops encoded and decoded by the VAE (`cpldm vae-recon`), evaluated on the real arm's wells.
+VAE_RECON = "vae-recon"
 #: generation model kind -> data type prefix (METHOD.md: SCM-conditioned = confounder-aware).
 KIND_NAMES = {"scm": "c-aware", "scm-free": "non-c-aware"}
 #: simulator-as-generator runs (``cpldm generate --oracle``) -> data type prefix.
@@ -57,10 +62,6 @@ TASKS = ("moa", "target")
 
 def stage_name(run: str) -> str:
     return f"{STAGE}-{run}"
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 # ---------------------------------------------------------------------------------------------- discovery
@@ -86,6 +87,8 @@ def synthetic_data_type(lake: Lake, gen_run: str) -> str:
     if lake.exists(rel):
         cfg = lake.read_json(rel)
         oracle, draws = _find(cfg, ("oracle",)), _find(cfg, ("draws", "n_draws"))
+        if _find(cfg, ("model_kind",)) == VAE_RECON:
+            return VAE_RECON
         if oracle:
             if oracle not in ORACLE_NAMES or draws is None:
                 raise UserError(f"{lake.uri_of(rel)}: oracle {oracle!r} (one of {', '.join(ORACLE_NAMES)}) "
@@ -348,7 +351,7 @@ def evaluate_data_type(lake: Lake, cfg: EvaluateConfig, data_type: str, dataset:
 
         is_control = recipe.control_rows(meta)
         profile_rows, fallback = None, 0
-        if data_type in (REAL, HARMONY) and heldout:
+        if data_type in (REAL, HARMONY, VAE_RECON) and heldout:
             profile_rows, fallback = recipe.heldout_profile_rows(meta, split, heldout, is_control)
             log.info("%s: seen compounds profiled on %d held-out batch(es); %d seen compound(s) without a "
                      "held-out well keep all their wells", data_type, len(heldout), fallback)
@@ -401,12 +404,43 @@ def _read_parts(lake: Lake, table: str, run: str) -> pd.DataFrame:
     return frame.drop(columns=[c for c in ("run",) if c in frame.columns])
 
 
-def _config_changed(lake: Lake, cfg: EvaluateConfig) -> bool:
+#: EvaluateConfig fields that choose resources or output formats, not results: changing them recomputes nothing.
+RESOURCE_KEYS = ("run", "concurrency", "num_cpus", "score_chunk", "report")
+
+
+def _science(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in RESOURCE_KEYS}
+
+
+def eval_record(lake: Lake, cfg: EvaluateConfig, data_types: dict[str, str], truth: bool) -> EvalRun:
+    """The EvalRun asked for: one input per data type (role = data type) naming the ProfileSet of its dataset,
+    plus ``truth`` when the interventional truth is the yardstick. A dataset without a ProfileSet record is a
+    one-line error naming `cpldm profile --dataset <name>`."""
+    from pipelines.profile import read_profile_set
+    from pipelines.storage import code_version
+
+    inputs = {dt: read_profile_set(lake, ds).ref() for dt, ds in data_types.items()}
+    if truth:
+        inputs["truth"] = read_profile_set(lake, TRUTH_DATASET).ref()
+    settings = config_to_dict(cfg)
+    return EvalRun(id=cfg.run, inputs=inputs, config=_science(settings),
+                   resources={k: settings[k] for k in RESOURCE_KEYS if k in settings}, code_version=code_version(),
+                   data_types=tuple(data_types))
+
+
+def _config_changed(lake: Lake, cfg: EvaluateConfig, planned: EvalRun | None = None) -> bool:
+    """True when a committed unit was made with other science settings or from other profiles (the ProfileSet
+    fingerprints of the stored EvalRun); resources (concurrency, CPUs) may differ."""
     stage = stage_name(cfg.run)
-    current = config_to_dict(cfg)
-    for unit in sorted(lake.committed_units(stage)):
-        if lake.unit_info(stage, unit).get("config") != current:
+    current = _science(config_to_dict(cfg))
+    done = sorted(lake.committed_units(stage))
+    for unit in done:
+        if _science(lake.unit_info(stage, unit).get("config") or {}) != current:
             return True
+    rel = artifact_dir("EvalRun", cfg.run)
+    if planned is not None and done and lake.exists(f"{rel}/_artifact.json"):
+        stored = read_record(lake, rel, EvalRun, cfg.run)
+        return any(role in stored.inputs and stored.inputs[role] != ref for role, ref in planned.inputs.items())
     return False
 
 
@@ -447,6 +481,7 @@ def run(lake: Lake, config: EvaluateConfig | None = None, annotations: str | Non
     ann = load_labels(lake, cfg, views, cfg.annotations or None)
     split = load_split(lake, views)
     truth = load_truth(lake, cfg)
+    planned = eval_record(lake, cfg, data_types, truth is not None)   # every ProfileSet used, read up front
     if truth is not None:
         frame = pd.DataFrame(truth.profiles, columns=truth.features)
         frame.insert(0, COMPOUND, truth.compounds)
@@ -469,8 +504,9 @@ def run(lake: Lake, config: EvaluateConfig | None = None, annotations: str | Non
              cfg.run, list(data_types), len(label_sets["moa"].compounds), len(label_sets["moa"].labels),
              len(label_sets["target"].compounds), len(label_sets["target"].labels))
     stage = stage_name(cfg.run)
-    if _config_changed(lake, cfg):
-        log.info("evaluate %s: config changed since the committed units; recomputing all data types", cfg.run)
+    if _config_changed(lake, cfg, planned):
+        log.info("evaluate %s: config or profiles changed since the committed units; recomputing all data types",
+                 cfg.run)
         lake.reset_stage(stage)
     done = lake.committed_units(stage)
     todo = [(dt, ds) for dt, ds in data_types.items() if _safe(dt) not in done]
@@ -514,6 +550,8 @@ def run(lake: Lake, config: EvaluateConfig | None = None, annotations: str | Non
     recovery_summary = report.summarise_recovery(recovery)
     report_uri = (write_report(lake, cfg, summary, anova, tukey, copairs_summary, exclusions, recovery, embedding,
                                paired, verdict) if cfg.report else None)
+    write_record(lake, artifact_dir("EvalRun", cfg.run),
+                 replace(planned, metrics=tuple(sorted(results["metric"].astype(str).unique()))))
     log.info("evaluate %s: done in %.1f s -> %s", cfg.run, time.time() - t0, report_uri)
     return {"run": cfg.run, "data_types": list(data_types), "units_done_now": len(todo),
             "units_skipped": len(data_types) - len(todo), "results_rows": len(results), "summary": summary,
@@ -551,7 +589,7 @@ def write_report(lake: Lake, cfg: EvaluateConfig, summary, anova, tukey, copairs
         notes.append("Tukey HSD needs at least two data types with two folds each.")
     content = report.ReportContent(run=cfg.run, summary=summary, anova=anova, tukey=tukey, copairs=copairs,
                                    exclusions=exclusions, recovery=recovery, figures=figures, notes=notes,
-                                   paired=paired, verdict=verdict)
+                                   paired=paired, verdict=verdict, gallery=gallery_figures(lake, cfg.run))
     lake.write_bytes(f"{base}/report.html", report.render_html(content).encode())
     lake.write_config(base, cfg)
     return lake.uri_of(f"{base}/report.html")

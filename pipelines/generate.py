@@ -2,8 +2,9 @@
 
 Recipe (METHOD.md "Generation"):
 
-1. resolve the trained model (``models/<model_run>/final/``), its confounder support (``confounder_support``,
-   recorded by ``cpldm train``), VAE, normalisation statistics and compound encoder;
+1. resolve the trained model through its ModelCard (``models/<model_run>/_artifact.json``), its confounder
+   support (``confounder_support``, recorded by ``cpldm train``), and through the LatentCache record of its VAE
+   id the VAE, channel groups and normalisation; write the run's GenerationRun record (docs/architecture.md);
 2. select compounds (``seen|unseen|all|FILE``; DMSO added), reject those without an embedding (``rejects``);
 3. write the design table ``generation_design`` (partition ``run=<gen_run>``) streamed in parts, each committed;
 4. create ``synthetic/<gen_run>/images.zarr`` (N_rows, 5, H, W) uint16, one chunk per image, one shard per block;
@@ -30,7 +31,9 @@ import logging
 import posixpath
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,8 @@ from cpldm_core.configuration import load_config
 from cpldm_core.design import GENERATE_PRESETS, ConfounderSpace, DesignSpec, GenerateConfig, generate_preset
 from cpldm_core.errors import UserError
 from storage_schemas import columns as cols
+from storage_schemas.artifacts import (ArtifactMissing, GenerationRun, InputRef, LatentCache, ModelCard, fingerprint_of,
+                                       read_artifact, read_record, write_record)
 from storage_schemas.zarr_layouts import SYNTHETIC_IMAGES
 
 log = logging.getLogger(__name__)
@@ -51,8 +56,6 @@ STAGE = "generate"
 IMAGES_ARRAY = SYNTHETIC_IMAGES.array
 #: Spatial compression of the SD/SDXL VAE family (4 levels -> 2^3); an image side is 8 x the latent side.
 VAE_DOWNSAMPLE = 8
-#: Default compound encoder when the model does not record one (the embed stage's default id).
-DEFAULT_ENCODER = "morgan-r2-2048"
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -81,22 +84,9 @@ def model_rel(model_run: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- model lookup
-def _find_key(tree: Any, *keys: str) -> Any:
-    """First value under any of ``keys`` in a nested dict (breadth-first); ``None`` when absent."""
-    queue = [tree]
-    while queue:
-        node = queue.pop(0)
-        if isinstance(node, dict):
-            for k in keys:
-                if node.get(k) not in (None, ""):
-                    return node[k]
-            queue.extend(v for v in node.values() if isinstance(v, dict))
-    return None
-
-
 @dataclass(frozen=True)
 class ModelInfo:
-    """What generation needs to know about a trained run (read from ``models/<run>/final/config.json``)."""
+    """What generation needs to know about a trained run (from its ModelCard, :func:`resolve_model`)."""
 
     model_run: str
     rel_dir: str              # lake-relative model directory
@@ -108,33 +98,25 @@ class ModelInfo:
 
 
 def resolve_model(lake, model_run: str) -> ModelInfo:
-    """Read a trained model's config (``models/<run>/final/`` or, failing that, ``models/<run>/``)."""
-    for rel in (model_rel(model_run), f"models/{model_run}"):
-        if lake.exists(f"{rel}/config.json") and lake.exists(f"{rel}/weights.pt"):
-            cfg = lake.read_json(f"{rel}/config.json")
-            break
-    else:
-        raise UserError(f"no trained model '{model_run}' in {lake.uri} (expected {model_rel(model_run)}/"
-                        "config.json and weights.pt); run `cpldm train` first or pass --model-run")
-    unet = cfg.get("unet") or {}
-    trained = (cfg.get("metadata") or {}).get("latent_shape")
-    if trained:
-        # what the model was trained on wins: the U-Net preset's sample_size may differ (older models did)
-        channels, height, width = (int(v) for v in trained)
-    else:
-        height = width = int(unet.get("sample_size", 0))
-        channels = int(unet.get("in_channels", 8))
-    if not height or not width:
-        raise UserError(f"{rel}/config.json: neither metadata.latent_shape nor the U-Net's sample_size is set")
-    vocab = cfg.get("vocab")
-    if not vocab:
-        if lake.exists(f"{rel}/vocab.json"):
-            vocab = lake.read_json(f"{rel}/vocab.json")
-    if not vocab or not vocab.get("batches"):
-        raise UserError(f"{rel}: no confounder vocabulary (vocab.json): cannot draw training batches and wells")
-    return ModelInfo(model_run=model_run, rel_dir=rel, kind=str(cfg.get("kind", "scm")), vocab=vocab,
-                     metadata=dict(cfg.get("metadata") or {}), latent_shape=(channels, height, width),
-                     compound_input=str(cfg.get("compound_input", "pooled")))
+    """A trained model through its ModelCard (``models/<run>/_artifact.json``, written by ``cpldm train``): kind,
+    vocabulary, latent shape, schedule, VAE and encoder ids in one read; the weights in ``models/<run>/final/``.
+    A model without a card (or with an older one) is a one-line error naming ``cpldm train --run <run>``."""
+    try:
+        card = read_artifact(lake, ModelCard, model_run)
+    except ArtifactMissing as exc:
+        raise UserError(f"no trained model '{model_run}' in {lake.uri} ({exc}); or pass --model-run") from None
+    rel = model_rel(model_run)
+    if not lake.exists(f"{rel}/weights.pt"):
+        raise UserError(f"{lake.uri_of(rel)} holds no exported model (weights.pt); finish the run with "
+                        f"`cpldm train --run {model_run} --resume`")
+    if card.model_kind == "scm" and not card.vocabulary.get("batches"):
+        raise UserError(f"{lake.uri_of(f'models/{model_run}')}: the ModelCard has no confounder vocabulary: cannot "
+                        "draw training batches and wells")
+    vocab = {k: list(v) for k, v in card.vocabulary.items()}
+    metadata = {"vae_id": card.vae_id, "encoder_id": card.encoder_id, "schedule": dict(card.schedule),
+                "latent_shape": list(card.latent_shape)}
+    return ModelInfo(model_run=model_run, rel_dir=rel, kind=card.model_kind, vocab=vocab, metadata=metadata,
+                     latent_shape=tuple(int(v) for v in card.latent_shape), compound_input=card.compound_input)
 
 
 def read_support(lake, model_run: str) -> pd.DataFrame:
@@ -160,50 +142,42 @@ def confounder_space(lake, model: ModelInfo, kind: str = "joint") -> ConfounderS
 
 
 def encoder_of(lake, model: ModelInfo) -> str:
-    enc = _find_key(model.metadata, "encoder_id", "encoder")
-    if enc:
-        return str(enc)
-    found = [p.split("encoder=", 1)[1] for p in lake.ls("embeddings") if "encoder=" in p]
-    if len(found) == 1:
-        return found[0]
-    if DEFAULT_ENCODER in found or not found:
-        return DEFAULT_ENCODER
-    raise UserError(f"model '{model.model_run}' does not record its compound encoder and the lake has several "
-                    f"({', '.join(found)}); set it in the model metadata (encoder_id)")
+    """The compound encoder the model was trained with (its ModelCard's ``encoder_id``; never guessed)."""
+    enc = model.metadata.get("encoder_id")
+    if not enc:
+        raise UserError(f"the ModelCard of model '{model.model_run}' names no encoder_id; retrain it with "
+                        f"`cpldm train --run {model.model_run}`")
+    return str(enc)
 
 
 def vae_source(lake, model: ModelInfo, override: str | None) -> dict:
     """Where the model's VAE is: ``{"vae_id", "location", "subfolder", "channel_groups"}``.
 
-    ``location`` is ``lake:<rel dir>`` for a VAE fitted into the lake, else a path/model id for
-    ``from_pretrained``. Default: what ingest recorded for the model's ``vae_id`` (``latents/<vae_id>/config.json``,
-    key ``vae_source``); ``override`` (``--vae``) names a lake VAE or a path/id instead.
+    Read from the LatentCache record of the model's ``vae_id`` (``latents/<vae_id>/_artifact.json``): the VAE
+    ingest encoded with and its channel groups. ``location`` is ``lake:<rel dir>`` for a VAE in the lake, an
+    absolute directory, or a hub id ``owner/name`` -- the only form :class:`BlockGenerator` may download.
+    ``override`` (``--vae``) is resolved like ``cpldm ingest --vae`` (:func:`pipelines.ingest.resolve_vae`): a
+    lake name must be in the lake (else one line listing the lake's VAEs), never a hub request.
     """
-    from cpldm_core.autoencoder import DEFAULT_GROUPS
+    from pipelines.ingest import resolve_vae
 
-    vae_id = _find_key(model.metadata, "vae_id")
+    vae_id = str(model.metadata.get("vae_id") or "")
     if not vae_id:
-        found = [posixpath.basename(p) for p in lake.ls("latents") if lake.exists(f"{p}/normalisation.json")]
-        if len(found) != 1:
-            raise UserError(f"model '{model.model_run}' does not record its vae_id and latents/ holds "
-                            f"{found or 'none'}; add vae_id to the model metadata")
-        vae_id = found[0]
-    recorded = lake.read_json(f"latents/{vae_id}/config.json") if lake.exists(f"latents/{vae_id}/config.json") else {}
-    groups = (recorded.get("config") or {}).get("channel_groups") or DEFAULT_GROUPS
-    source = recorded.get("vae_source") or {}
-    subfolder = source.get("subfolder")
+        raise UserError(f"the ModelCard of model '{model.model_run}' names no vae_id; retrain it with "
+                        f"`cpldm train --run {model.model_run}`")
+    cache = read_artifact(lake, LatentCache, vae_id)
     if override:
-        location, subfolder = override, None
-    elif source.get("kind") == "lake":
-        location = f"lake:{source['path']}"
-    elif source.get("path"):
-        location = str(source["path"])
+        source = resolve_vae(lake, override, None)
+        location = f"lake:{source['path']}" if source["kind"] == "lake" else str(source["path"])
+        subfolder = source["subfolder"]
     else:
-        location = str(vae_id)
-    if not location.startswith("lake:") and "/" not in location.strip("/") and lake.exists(f"vae/{location}/config.json"):
-        location = f"lake:vae/{location}"
-    return {"vae_id": str(vae_id), "location": location, "subfolder": subfolder,
-            "channel_groups": [list(map(int, g)) for g in groups]}
+        kind, _, path = cache.vae_location.partition(":")
+        if kind not in ("lake", "local", "hub") or not path:
+            raise UserError(f"{lake.uri_of(f'latents/{vae_id}/_artifact.json')}: vae_location "
+                            f"{cache.vae_location!r} is not lake:|local:|hub:<where>; rerun `cpldm ingest`")
+        location, subfolder = (cache.vae_location if kind == "lake" else path), cache.vae_subfolder
+    return {"vae_id": vae_id, "location": location, "subfolder": subfolder,
+            "channel_groups": [list(map(int, g)) for g in cache.channel_groups]}
 
 
 def read_normalisation(lake, vae_id: str) -> dict:
@@ -327,8 +301,10 @@ class BlockGenerator:
         self.scheduler = make_scheduler(job.sampler, schedule)
         vae_path = (local_copy(lake, job.vae_location[len("lake:"):]) if job.vae_location.startswith("lake:")
                     else job.vae_location)
+        from pipelines.ingest import HUB_ID   # only an explicit hub id may download (vae_source)
         self.autoencoder = ChannelGroupAutoencoder.from_pretrained(
-            vae_path, subfolder=job.vae_subfolder, groups=tuple(tuple(g) for g in job.channel_groups))
+            vae_path, subfolder=job.vae_subfolder, groups=tuple(tuple(g) for g in job.channel_groups),
+            local_files_only=not HUB_ID.fullmatch(job.vae_location))
         self.autoencoder.to(self.device)
         emb = load_embeddings(lake, job.encoder, ids=list(job.spec.compounds))
         self.compound_row = {c: i for i, c in enumerate(emb.ids)}
@@ -509,6 +485,14 @@ def check_run_config(lake, job: GenerationJob, config: GenerateConfig) -> dict:
     }
     if job.oracle:
         record["crop"] = list(job.crop)
+    planned = generation_record(lake, job, config)
+    if lake.exists(f"{run_dir(job.gen_run)}/_artifact.json"):
+        # one rule: the science fingerprint (settings, design, model card, latent cache) must match to resume
+        stored = read_record(lake, run_dir(job.gen_run), GenerationRun, job.gen_run)
+        if stored.fingerprint != planned.fingerprint:
+            raise UserError(f"generation run '{job.gen_run}' already exists in {lake.uri} with different "
+                            f"{', '.join(planned.changed_fields(stored))}; choose another --run, or delete "
+                            f"{lake.uri_of(run_dir(job.gen_run))}")
     rel = f"{run_dir(job.gen_run)}/config.json"
     if lake.exists(rel):
         old = lake.read_json(rel).get("generation", {})
@@ -519,7 +503,44 @@ def check_run_config(lake, job: GenerationJob, config: GenerateConfig) -> dict:
             raise UserError(f"generation run '{job.gen_run}' already exists in {lake.uri} with different "
                             f"{', '.join(changed)}; choose another --run, or delete {lake.uri_of(run_dir(job.gen_run))}")
     lake.write_config(run_dir(job.gen_run), config, extra={"generation": record})
+    write_record(lake, run_dir(job.gen_run), planned)
     return record
+
+
+#: GenerateConfig fields that only choose resources or output formats: a run may resume with others.
+RESOURCE_KEYS = ("run", "batch_size", "design_part_rows", "actors", "cpus_per_actor", "gpus_per_actor",
+                 "max_in_flight_per_actor", "export_tiff", "device")
+
+
+def generation_record(lake, job: GenerationJob, config: GenerateConfig) -> GenerationRun:
+    """The GenerationRun record of ``job``. Inputs: ``model`` (its ModelCard) or ``oracle`` (the simulator, with
+    the catalog fingerprint of the sites it renders from), and ``latents`` (the LatentCache whose normalisation
+    and crop the images follow)."""
+    from cpldm_core.configuration import config_to_dict
+    from pipelines.storage import code_version
+
+    settings = config_to_dict(config)
+    inputs = {"latents": read_artifact(lake, LatentCache, job.vae_id).ref()}
+    if job.oracle:
+        sites = oracle_inputs(lake)[0]
+        inputs["oracle"] = InputRef(kind="Oracle", id=job.oracle, fingerprint=fingerprint_of(
+            {"oracle": job.oracle, "sites": sites.astype(str).values.tolist()}))
+    else:
+        inputs["model"] = read_artifact(lake, ModelCard, job.model.model_run).ref()
+    science = {k: v for k, v in settings.items() if k not in RESOURCE_KEYS}
+    return GenerationRun(
+        id=job.gen_run, inputs=inputs, config={**science, "design_fingerprint": job.spec.fingerprint(),
+                                               "image_shape": list(job.image_shape)},
+        resources={k: settings[k] for k in RESOURCE_KEYS if k in settings}, code_version=code_version(),
+        model_run="" if job.oracle else job.model.model_run, design=job.spec.kind, draws=job.spec.draws,
+        compounds=config.compounds, guidance_scale=float(job.guidance_scale), sampler=job.sampler,
+        sampler_steps=int(job.steps), seed_namespace=job.spec.namespace, oracle=job.oracle or None,
+        rows=int(job.spec.n_rows))
+
+
+def read_generation_run(lake, gen_run: str) -> GenerationRun:
+    """The GenerationRun record of ``synthetic/<gen_run>/`` (one-line error naming `cpldm generate`)."""
+    return read_artifact(lake, GenerationRun, gen_run)
 
 
 def write_design(lake, spec: DesignSpec, gen_run: str, part_rows: int, config: GenerateConfig) -> int:
@@ -639,12 +660,8 @@ def plan_oracle(lake, config: GenerateConfig) -> tuple[GenerationJob, list[dict]
                       dmso_per_draw=config.dmso_per_draw, negcon=cols.DMSO_JCP2022, compound_spaces=per_compound)
     vae_id = config.vae or _only_latent_cache(lake)
     norm = read_normalisation(lake, vae_id)
-    ingest = (lake.read_json(f"latents/{vae_id}/config.json").get("config") or {}) \
-        if lake.exists(f"latents/{vae_id}/config.json") else {}
-    if not ingest.get("crop_size"):
-        raise UserError(f"{lake.uri_of(f'latents/{vae_id}/config.json')} does not record the ingest crop "
-                        "(config.crop_size); the oracle renders images the size of the real crops: rerun `cpldm ingest`")
-    crop = (str(ingest.get("crop_mode", "centre")), int(ingest["crop_size"]), int(ingest.get("tile_grid", 2)))
+    cache = read_artifact(lake, LatentCache, vae_id)   # the oracle renders images the size of the real crops
+    crop = (cache.crop_mode, int(cache.crop_size), int(cache.tile_grid))
     kind = f"oracle-{config.oracle}"
     model = ModelInfo(model_run=kind, rel_dir="", kind=kind, vocab={}, metadata={}, latent_shape=(0, 0, 0),
                       compound_input="")
@@ -673,8 +690,8 @@ def run(lake, config: GenerateConfig | None = None, max_blocks: int | None = Non
         use_ray: ``False`` runs one in-process generator (debugging, profiling); outputs are identical.
     Returns:
         ``{"run", "model_run", "model_kind", "compounds", "draws", "images", "blocks", "blocks_done_now",
-        "blocks_skipped" (already committed), "rejected_compounds", "images_generated_now", "seconds",
-        "images_per_s"}``.
+        "blocks_skipped" (already committed), "blocks_busy" (claimed by another live run of the same ``--run``),
+        "rejected_compounds", "images_generated_now", "seconds", "images_per_s"}``.
     """
     config = config or generate_preset("demo")
     t0 = time.perf_counter()
@@ -691,20 +708,38 @@ def run(lake, config: GenerateConfig | None = None, max_blocks: int | None = Non
     log.info("generate %s: design of %d compounds x %d draws = %d images in %d blocks (%d design parts written)",
              gen_run, len(job.spec.compounds), job.spec.draws, job.spec.n_rows, job.spec.n_blocks, parts)
     prepare_images_array(lake, job)
-    done = lake.committed_units(block_stage(gen_run))
-    pending = [b for b in range(job.spec.n_blocks) if block_unit(b) not in done]
-    if max_blocks is not None:
-        pending = pending[:max_blocks]
-    generated = 0
-    if pending:
-        results = (_run_actors(lake, job, config, pending) if use_ray else _run_local(lake, job, pending))
-        generated = sum(r["images"] for r in results)
+    stage = block_stage(gen_run)
+    done = lake.committed_units(stage)
+    pending = [b for b in range(job.spec.n_blocks) if block_unit(b) not in done][:max_blocks]
+    busy: list[str] = []
+    started: list[int] = []
+
+    def claimed():
+        """Pending blocks, each claimed just before it starts: a second run of the same ``--run`` takes the
+        blocks this one has not started, and leaves those a live run holds (``busy``)."""
+        by_unit = {block_unit(b): b for b in pending}
+        for unit in lake.claim_units(stage, list(by_unit), busy):
+            started.append(by_unit[unit])
+            yield by_unit[unit]
+
+    results = []
+    try:
+        if pending:
+            results = (_run_actors(lake, job, config, claimed(), len(pending)) if use_ray
+                       else _run_local(lake, job, claimed(), len(pending)))
+    finally:
+        for block in started:  # committed or not: a rerun (or another run) may take what this one left
+            lake.release_unit(stage, block_unit(block))
+    if busy:
+        log.warning("generate %s: %d block(s) claimed by another live run were left to it", gen_run, len(busy))
+    generated = sum(r["images"] for r in results)
     seconds = time.perf_counter() - t0
     summary = {"run": gen_run, "model_run": job.model.model_run, "model_kind": job.model.kind,
                "oracle": job.oracle or None, "guidance_scale": job.guidance_scale,
                "compounds": len(job.spec.compounds), "draws": job.spec.draws, "images": job.spec.n_rows,
-               "blocks": job.spec.n_blocks, "blocks_done_now": len(pending),
+               "blocks": job.spec.n_blocks, "blocks_done_now": len(results),
                "blocks_skipped": sum(block_unit(b) in done for b in range(job.spec.n_blocks)),
+               "blocks_busy": len(busy),
                "rejected_compounds": len(rejects), "images_generated_now": generated,
                "seconds": round(seconds, 2), "images_per_s": round(generated / seconds, 3) if seconds else 0.0}
     log.info("generate %s: %s", gen_run, summary)
@@ -714,6 +749,7 @@ def run(lake, config: GenerateConfig | None = None, max_blocks: int | None = Non
 def _commit(lake, job: GenerationJob, result: dict, n_done: int, n_total: int) -> None:
     lake.commit_unit(block_stage(job.gen_run), block_unit(result["block"]),
                      {"images": result["images"], "seconds": result["seconds"]})
+    lake.release_unit(block_stage(job.gen_run), block_unit(result["block"]))  # another run now sees it committed
     log.info("generate %s: block %d committed (%d images, %.2f images/s) [%d/%d]", job.gen_run, result["block"],
              result["images"], result["images"] / max(result["seconds"], 1e-9), n_done, n_total)
 
@@ -722,26 +758,33 @@ def _worker_class(job: GenerationJob) -> type:
     return OracleRenderer if job.oracle else BlockGenerator
 
 
-def _run_local(lake, job: GenerationJob, pending: list[int]) -> list[dict]:
+def _run_local(lake, job: GenerationJob, blocks: Iterator[int], total: int) -> list[dict]:
+    """Generate ``blocks`` (at most ``total``) in this process, committing each."""
+    first = next(blocks, None)
+    if first is None:  # every pending block is another run's: load no model
+        return []
     generator = _worker_class(job)(lake, job)
     results = []
-    for k, block in enumerate(pending):
+    for block in chain([first], blocks):
         results.append(generator(block))
-        _commit(lake, job, results[-1], k + 1, len(pending))
+        _commit(lake, job, results[-1], len(results), total)
     return results
 
 
-def _run_actors(lake, job: GenerationJob, config: GenerateConfig, pending: list[int]) -> list[dict]:
+def _run_actors(lake, job: GenerationJob, config: GenerateConfig, blocks: Iterator[int], total: int) -> list[dict]:
     """A pool of ``config.actors`` actors; at most ``max_in_flight_per_actor`` blocks queued per actor, so driver
-    and object-store memory stay bounded whatever the number of blocks."""
+    and object-store memory stay bounded whatever the number of blocks. ``blocks`` yields at most ``total``."""
     from pipelines.ray_runtime import ensure_ray
 
+    first = next(blocks, None)
+    if first is None:  # every pending block is another run's: start no actor
+        return []
     ray = ensure_ray()
     remote = ray.remote(num_cpus=config.cpus_per_actor,
                         num_gpus=0 if job.oracle else config.gpus_per_actor)(_worker_class(job))
-    n_actors = min(config.actors, len(pending))
+    n_actors = min(config.actors, total)
     actors = [remote.remote(lake, job) for _ in range(n_actors)]
-    queue = iter(pending)
+    queue = chain([first], blocks)
     in_flight: dict = {}
 
     def submit(actor) -> bool:
@@ -761,7 +804,7 @@ def _run_actors(lake, job: GenerationJob, config: GenerateConfig, pending: list[
             actor = in_flight.pop(ready[0])
             result = ray.get(ready[0])
             results.append(result)
-            _commit(lake, job, result, len(results), len(pending))
+            _commit(lake, job, result, len(results), total)
             submit(actor)
     finally:
         for actor in actors:

@@ -14,7 +14,8 @@ Row assignment: plates are laid out in catalog order (source, batch, plate); eac
 block, the crops of successfully read sites are stored contiguously in catalog order (site, then crop);
 rows left over (rejected sites, shard padding) hold NaN and appear in no index row. The block layout is a
 function of the catalog and the config only, so a killed run, rerun, writes the same bytes to the same
-rows: exactly-once per plate.
+rows: exactly-once per plate. Plates are claimed (:meth:`Lake.claim_units`) before they are encoded, so two runs
+started on one cache split the plates instead of both encoding all of them (docs/lake.md).
 
 Normalisation statistics are computed once (before any plate is written) over a deterministic sample of
 training sites and stored in ``latents/<vae_id>/normalisation.json`` and the array attributes; a resumed run
@@ -24,6 +25,7 @@ a run whose science fingerprint (config without resources, VAE record, catalog) 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -50,6 +52,8 @@ from pipelines import site_reader
 log = logging.getLogger(__name__)
 
 STAGE_PREFIX = "ingest"
+#: Claim name (no plate is named so: plate names hold ``__``) held while a run creates the cache.
+CACHE_UNIT = "_cache"
 #: Config keys that only choose resources: they may change between a run and its resumption.
 RESOURCE_KEYS = ("read_concurrency", "num_cpus_read", "encode_concurrency", "num_gpus", "num_cpus_encode", "batch_size",
                  "max_plane_bytes")
@@ -366,13 +370,17 @@ def run(lake, config: im.IngestConfig, units: list[str] | None = None, max_units
         force: bool = False) -> dict:
     """Encode the catalogued sites into ``latents/<vae_id>/``; committed plates are skipped.
 
+    Concurrent runs on one cache split it: the cache is created under a claim (a second run waits, then reuses
+    it), and each plate is claimed before it is encoded (a plate another live run holds is left to it).
+
     Args:
         units: only these plate units (names as in ``plan``: ``<source>__<batch>__<plate>``).
         max_units: stop after this many new plates (to split work, and to test resumption).
         force: forget committed plates and rebuild the cache from scratch.
     Returns:
         {"vae_id", "sites", "encoded_sites", "rejected", "crops", "units", "units_written", "units_skipped",
-         "rows", "seconds"} -- counts over all committed units, so sites = encoded_sites + rejected.
+         "units_busy" (held by another live run), "rows", "seconds"} -- counts over all committed units, so
+        sites = encoded_sites + rejected.
     """
     from cpldm_core.autoencoder import check_groups
     from pipelines.ray_runtime import ensure_ray
@@ -396,84 +404,123 @@ def run(lake, config: im.IngestConfig, units: list[str] | None = None, max_units
     planned = latent_cache_record(config, source, vae_ref(lake, source), groups, per_site, plan, sites)
     if force:
         lake.reset_stage(stage)
-    done = lake.committed_units(stage)
-    if done:
-        # one rule: other science fields (config, VAE, catalog) -> refuse to mix caches; resources may differ
-        stored = read_record(lake, base, LatentCache, vae_id)
-        if stored.fingerprint != planned.fingerprint:
-            raise UserError(f"{lake.uri_of(base)} was made with another config, VAE or catalog "
-                            f"({', '.join(planned.changed_fields(stored))} differ); rerun with --force to rebuild "
-                            "it, or pass --vae-id <new name>")
-        norm = im.Normalisation.from_dict(lake.read_json(f"{base}/normalisation.json"))
-    else:
-        train = select_sites(lake, "train") if config.subset != "train" else sites
-        sample = stats_sample(train, config.stats_sites, config.seed)
-        norm = compute_normalisation(lake, sample, config.illumination, config.low_percentile,
-                                     config.high_percentile, config.read_concurrency, config.max_plane_bytes)
-        log.info("ingest: normalisation over %d sites: low=%s high=%s", norm.n_sites,
-                 np.round(norm.low, 1).tolist(), np.round(norm.high, 1).tolist())
-        model = load_autoencoder(lake, source, groups)
-        record = replace(planned, normalisation_low=tuple(norm.low), normalisation_high=tuple(norm.high),
-                         normalisation_sites=int(norm.n_sites), scaling_factor=model.scaling_factor)
-        attrs = {"vae_id": vae_id, "scaling_factor": model.scaling_factor,
-                 "channel_groups": [list(g) for g in groups], "channels": list(c.CHANNELS),
-                 "normalisation": norm.to_dict(), "config": config_to_dict(config), "vae_source": source,
-                 "crop": {"mode": config.crop_mode, "size": config.crop_size, "tile_grid": config.tile_grid,
-                          "crops_per_site": per_site},
-                 "row_assignment": "plates in catalog order, each a block of whole shards; see docs/ingest.md"}
-        del model
-        create_latents(lake, vae_id, int(plan["rows"].sum()), config.crop_size // 8, config.rows_per_shard, attrs)
-        lake.write_json(f"{base}/normalisation.json", norm.to_dict())
-        lake.write_config(base, config, extra={"vae_source": source})
-        write_record(lake, base, record)
+    # the cache is created under a claim: a run started meanwhile waits for it, then adds plates to it
+    # instead of creating it again over the plates this one is writing
+    lake.wait_and_claim(stage, CACHE_UNIT)
+    try:
+        done = lake.committed_units(stage)
+        norm = None if force else reusable_cache(lake, base, planned, vae_id, bool(done))
+        if norm is None:
+            norm = create_cache(lake, config, source, groups, per_site, plan, sites, planned)
+    finally:
+        lake.release_unit(stage, CACHE_UNIT)
 
-    todo_units = [u for u in plan["unit"] if u not in done and (units is None or u in set(units))]
-    if max_units is not None:
-        todo_units = todo_units[:max_units]
-    log.info("ingest %s: %d plates (%d committed), %d to do, %d sites", vae_id, len(plan), len(done),
-             len(todo_units), int(sites["unit"].isin(todo_units).sum()))
-    if todo_units:
-        todo = sites[sites["unit"].isin(todo_units)]
-        items = [{"order": int(o), "unit": u, **rec} for o, u, rec in
-                 zip(todo["order"], todo["unit"], site_records(todo))]
-        meta_cols = [c.SOURCE.name, c.BATCH.name, c.PLATE.name, c.WELL.name, c.SITE.name, c.JCP2022.name,
-                     c.PERT_TYPE.name]
-        sites_meta = todo.set_index("Metadata_SiteKey")[meta_cols].to_dict("index")
-        plan_map = {u: (int(o), int(r)) for u, o, r in zip(plan["unit"], plan["offset"], plan["rows"])}
-        cfg_dict = config_to_dict(config)
-        ctx = ray.data.DataContext.get_current()
-        strategy = ctx.shuffle_strategy
-        # a sort-based shuffle needs no aggregator actors: the CPUs stay with the readers and encoders
-        ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-        try:
-            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * config.read_concurrency)))
-            ds = ds.map_batches(SiteReader, fn_constructor_kwargs=dict(
-                endpoint_url=lake.endpoint_url, illumination=config.illumination, normalisation=norm.to_dict(),
-                crop_mode=config.crop_mode, crop_size=config.crop_size, tile_grid=config.tile_grid,
-                max_plane_bytes=config.max_plane_bytes),
-                compute=ray.data.ActorPoolStrategy(size=config.read_concurrency), num_cpus=config.num_cpus_read,
-                batch_size=max(1, config.batch_size // per_site), batch_format="numpy")
-            ds = ds.map_batches(Encoder, fn_constructor_kwargs=dict(
-                lake=lake, source=source, groups=groups, num_threads=max(1, int(config.num_cpus_encode))),
-                compute=ray.data.ActorPoolStrategy(size=config.encode_concurrency), num_gpus=config.num_gpus or None,
-                num_cpus=config.num_cpus_encode, batch_size=config.batch_size, batch_format="numpy")
-            ds = ds.groupby("unit", num_partitions=len(todo_units)).map_groups(
-                write_unit, batch_format="numpy", num_cpus=0.5, fn_kwargs=dict(
-                    lake=lake, vae_id=vae_id, plan=plan_map, sites_meta=sites_meta, config=cfg_dict))
-            for row in ds.iter_rows():
-                log.info("ingest %s: plate %s: %d sites, %d crops, %d rejected", vae_id, row["unit"], row["sites"],
-                         row["crops"], row["rejected"])
-        finally:
-            ctx.shuffle_strategy = strategy
+    wanted = set(plan["unit"]) if units is None else set(units)
+    busy: list[str] = []
+    # plates are claimed one by one: a second run started on the same cache takes the plates this one has not
+    claims = lake.claim_units(stage, [u for u in plan["unit"] if u not in done and u in wanted], busy)
+    todo_units = list(itertools.islice(claims, max_units))
+    log.info("ingest %s: %d plates (%d committed, %d claimed by another run), %d to do, %d sites", vae_id, len(plan),
+             len(done), len(busy), len(todo_units), int(sites["unit"].isin(todo_units).sum()))
+    try:
+        if todo_units:
+            encode_plates(ray, lake, config, source, groups, per_site, norm, plan, sites, todo_units)
+    finally:
+        for unit in todo_units:  # committed or not: a rerun (or another run) may take what this one left
+            lake.release_unit(stage, unit)
     committed = lake.committed_units(stage)
     infos = [lake.unit_info(stage, u) for u in plan["unit"] if u in committed]
     summary = {"vae_id": vae_id, "units": len(plan), "units_written": len(todo_units),
-               "units_skipped": len(done),
+               "units_skipped": len(done), "units_busy": len(busy),
                "units_committed": len(committed), "sites_planned": len(sites),
                **{k: int(sum(i[k] for i in infos)) for k in ("sites", "encoded_sites", "rejected", "crops")},
                "rows": int(plan["rows"].sum()), "seconds": round(time.perf_counter() - start, 2)}
     log.info("ingest: %s", summary)
     return summary
+
+
+def reusable_cache(lake, base: str, planned: LatentCache, vae_id: str, has_plates: bool) -> im.Normalisation | None:
+    """The normalisation of the existing cache at ``base`` when this run may add plates to it, else ``None``.
+
+    A cache with committed plates must have been made with the same science fields (config, VAE, catalog), or
+    the run is refused; resources may differ. A cache without committed plates is reused when its record
+    matches (another run created it and is encoding), and created afresh otherwise.
+    """
+    if not has_plates and not (lake.exists(f"{base}/_artifact.json") and lake.exists(f"{base}/normalisation.json")):
+        return None
+    stored = read_record(lake, base, LatentCache, vae_id)
+    if stored.fingerprint != planned.fingerprint:
+        if not has_plates:
+            return None
+        raise UserError(f"{lake.uri_of(base)} was made with another config, VAE or catalog "
+                        f"({', '.join(planned.changed_fields(stored))} differ); rerun with --force to rebuild "
+                        "it, or pass --vae-id <new name>")
+    return im.Normalisation.from_dict(lake.read_json(f"{base}/normalisation.json"))
+
+
+def create_cache(lake, config: im.IngestConfig, source: dict, groups, per_site: int, plan: pd.DataFrame,
+                 sites: pd.DataFrame, planned: LatentCache) -> im.Normalisation:
+    """Compute the normalisation, create the (empty) latent array and write the cache's config and record."""
+    vae_id, base = source["vae_id"], f"latents/{source['vae_id']}"
+    train = select_sites(lake, "train") if config.subset != "train" else sites
+    sample = stats_sample(train, config.stats_sites, config.seed)
+    norm = compute_normalisation(lake, sample, config.illumination, config.low_percentile,
+                                 config.high_percentile, config.read_concurrency, config.max_plane_bytes)
+    log.info("ingest: normalisation over %d sites: low=%s high=%s", norm.n_sites,
+             np.round(norm.low, 1).tolist(), np.round(norm.high, 1).tolist())
+    model = load_autoencoder(lake, source, groups)
+    record = replace(planned, normalisation_low=tuple(norm.low), normalisation_high=tuple(norm.high),
+                     normalisation_sites=int(norm.n_sites), scaling_factor=model.scaling_factor)
+    attrs = {"vae_id": vae_id, "scaling_factor": model.scaling_factor,
+             "channel_groups": [list(g) for g in groups], "channels": list(c.CHANNELS),
+             "normalisation": norm.to_dict(), "config": config_to_dict(config), "vae_source": source,
+             "crop": {"mode": config.crop_mode, "size": config.crop_size, "tile_grid": config.tile_grid,
+                      "crops_per_site": per_site},
+             "row_assignment": "plates in catalog order, each a block of whole shards; see docs/ingest.md"}
+    del model
+    create_latents(lake, vae_id, int(plan["rows"].sum()), config.crop_size // 8, config.rows_per_shard, attrs)
+    lake.write_json(f"{base}/normalisation.json", norm.to_dict())
+    lake.write_config(base, config, extra={"vae_source": source})
+    write_record(lake, base, record)
+    return norm
+
+
+def encode_plates(ray, lake, config: im.IngestConfig, source: dict, groups, per_site: int, norm: im.Normalisation,
+                  plan: pd.DataFrame, sites: pd.DataFrame, todo_units: list[str]) -> None:
+    """The Ray Data pipeline over the sites of ``todo_units``: read -> encode -> one write task per plate."""
+    vae_id = source["vae_id"]
+    todo = sites[sites["unit"].isin(todo_units)]
+    items = [{"order": int(o), "unit": u, **rec} for o, u, rec in
+             zip(todo["order"], todo["unit"], site_records(todo))]
+    meta_cols = [c.SOURCE.name, c.BATCH.name, c.PLATE.name, c.WELL.name, c.SITE.name, c.JCP2022.name,
+                 c.PERT_TYPE.name]
+    sites_meta = todo.set_index("Metadata_SiteKey")[meta_cols].to_dict("index")
+    plan_map = {u: (int(o), int(r)) for u, o, r in zip(plan["unit"], plan["offset"], plan["rows"])}
+    cfg_dict = config_to_dict(config)
+    ctx = ray.data.DataContext.get_current()
+    strategy = ctx.shuffle_strategy
+    # a sort-based shuffle needs no aggregator actors: the CPUs stay with the readers and encoders
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * config.read_concurrency)))
+        ds = ds.map_batches(SiteReader, fn_constructor_kwargs=dict(
+            endpoint_url=lake.endpoint_url, illumination=config.illumination, normalisation=norm.to_dict(),
+            crop_mode=config.crop_mode, crop_size=config.crop_size, tile_grid=config.tile_grid,
+            max_plane_bytes=config.max_plane_bytes),
+            compute=ray.data.ActorPoolStrategy(size=config.read_concurrency), num_cpus=config.num_cpus_read,
+            batch_size=max(1, config.batch_size // per_site), batch_format="numpy")
+        ds = ds.map_batches(Encoder, fn_constructor_kwargs=dict(
+            lake=lake, source=source, groups=groups, num_threads=max(1, int(config.num_cpus_encode))),
+            compute=ray.data.ActorPoolStrategy(size=config.encode_concurrency), num_gpus=config.num_gpus or None,
+            num_cpus=config.num_cpus_encode, batch_size=config.batch_size, batch_format="numpy")
+        ds = ds.groupby("unit", num_partitions=len(todo_units)).map_groups(
+            write_unit, batch_format="numpy", num_cpus=0.5, fn_kwargs=dict(
+                lake=lake, vae_id=vae_id, plan=plan_map, sites_meta=sites_meta, config=cfg_dict))
+        for row in ds.iter_rows():
+            log.info("ingest %s: plate %s: %d sites, %d crops, %d rejected", vae_id, row["unit"], row["sites"],
+                     row["crops"], row["rejected"])
+    finally:
+        ctx.shuffle_strategy = strategy
 
 
 def read_normalisation(lake, vae_id: str) -> im.Normalisation:

@@ -1,11 +1,15 @@
-"""``cpldm lake init|ls|validate``: create a lake, list its tables, check every table against its schema."""
+"""``cpldm lake init|ls|validate|lineage``: create a lake, list its tables, check every table against its schema,
+walk an artifact's records back to its sources."""
 from __future__ import annotations
 
 import posixpath
 
 import pyarrow.parquet as pq
 
+from cpldm_core.errors import UserError
+
 import storage_schemas
+from storage_schemas import artifacts
 from storage_schemas import spec as schema_spec
 from pipelines.storage import Lake
 
@@ -122,9 +126,43 @@ def _cmd_validate(args) -> int:
     return 1
 
 
+def parse_artifact(text: str) -> tuple[str, str]:
+    """``Kind:id`` (``EvalRun:default``) or an artifact directory (``eval/default``, ``models/scm``) -> (kind, id)."""
+    kind, sep, ident = text.partition(":")
+    if sep and kind in artifacts.RECORDS and ident:
+        return kind, ident
+    path = text.strip("/")
+    for kind, template in artifacts.ARTIFACT_DIRS.items():
+        prefix = template.split("{id}")[0]
+        ident = path[len(prefix):] if path.startswith(prefix) else ""
+        if ident and "/" not in ident:
+            return kind, ident
+    raise UserError(f"lake lineage: {text!r} is neither Kind:id (kinds: {', '.join(artifacts.RECORDS)}) nor an "
+                    f"artifact directory ({', '.join(t.format(id='<id>') for t in artifacts.ARTIFACT_DIRS.values())})")
+
+
+def lineage_lines(nodes: list) -> list[str]:
+    """One line per :class:`storage_schemas.artifacts.LineageNode`, indented by depth: role, kind, id, fingerprint."""
+    lines = []
+    for node in nodes:
+        what = f"{node.kind} '{node.id}' {node.fingerprint[:12]}"
+        note = " (listed above)" if node.repeated else ("" if node.record is not None else " (source)")
+        lines.append(f"{'  ' * node.depth}{node.role + ': ' if node.role else ''}{what}{note}")
+    return lines
+
+
+def _cmd_lineage(args) -> int:
+    from pipelines.cli import lake_from_args
+    lake = lake_from_args(args)
+    lake.check_reachable()
+    kind, ident = parse_artifact(args.artifact)
+    print("\n".join(lineage_lines(artifacts.lineage(lake, kind, ident))))
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("lake", help="create, list and validate a lake")
-    lake_sub = p.add_subparsers(dest="lake_command", metavar="<init|ls|validate|compact>", required=True)
+    lake_sub = p.add_subparsers(dest="lake_command", metavar="<init|ls|validate|lineage|compact>", required=True)
     init = lake_sub.add_parser("init", help="create the lake root (and its S3 bucket with --create-bucket)")
     init.add_argument("--create-bucket", action="store_true", help="create the S3 bucket if it does not exist")
     init.set_defaults(func=_cmd_init)
@@ -133,5 +171,8 @@ def add_parser(sub) -> None:
     ls.set_defaults(func=_cmd_ls)
     val = lake_sub.add_parser("validate", help="check every table against its schema; report all problems")
     val.set_defaults(func=_cmd_validate)
+    lin = lake_sub.add_parser("lineage", help="the records an artifact was made from, back to its sources")
+    lin.add_argument("artifact", help="Kind:id (EvalRun:default) or an artifact directory (eval/default, models/scm)")
+    lin.set_defaults(func=_cmd_lineage)
     from pipelines.compaction import add_parser as add_compact  # noqa: PLC0415  (compaction imports this module)
     add_compact(lake_sub)

@@ -30,8 +30,11 @@ from cpldm_core.errors import UserError
 from cpldm_core.features import aggregate
 from cpldm_core.features.config import PRESETS, ProfileConfig
 from cpldm_core.features.site import feature_names, profile_site
+from pipelines.ingest import unit_name
 from pipelines.site_reader import SiteReader
 from pipelines.storage import Lake
+from storage_schemas.artifacts import (GenerationRun, InputRef, ProfileSet, artifact_dir, fingerprint_of,
+                                       read_artifact, read_record, write_record)
 from storage_schemas.columns import CHANNELS, DMSO_JCP2022
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,9 @@ def marker_stage(dataset: str) -> str:
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+    """File-name safe: every character outside ``A-Za-z0-9._-`` becomes ``_`` (ingest's rule for plate units,
+    so a plate has one name in every stage's markers and parts)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -71,7 +76,7 @@ def real_items(lake: Lake) -> pd.DataFrame:
     for ch in CHANNELS:
         items[f"URL_Orig{ch}"] = sites[f"URL_Orig{ch}"]
         items[f"URL_Illum{ch}"] = sites.get(f"URL_Illum{ch}", pd.Series([None] * len(sites))).fillna("")
-    items["unit"] = [_safe(f"{s}__{b}__{p}") for s, b, p in
+    items["unit"] = [unit_name(s, b, p) for s, b, p in
                      zip(sites["Metadata_Source"], sites["Metadata_Batch"], sites["Metadata_Plate"])]
     return items
 
@@ -264,7 +269,8 @@ def run(lake: Lake, config: ProfileConfig | None = None, dataset: str | None = N
     items = real_items(lake) if dataset == "real" else synthetic_items(lake, dataset)
     stage = marker_stage(dataset)
     done = lake.committed_units(stage)
-    check_resume(lake, cfg, dataset, done)
+    planned = profile_set_record(lake, cfg, dataset, items)
+    check_resume(lake, cfg, dataset, done, planned)
     units = sorted(set(items["unit"]))
     # claim units one by one: a second run started on the same dataset takes the units this one has not
     todo, busy = [], []
@@ -283,6 +289,8 @@ def run(lake: Lake, config: ProfileConfig | None = None, dataset: str | None = N
         for unit in todo:  # committed or not: a rerun (or another run) may take what this one left
             lake.release_unit(stage, unit)
     treatments = write_treatments(lake, dataset, config=cfg) if (todo or done) else 0
+    wells = sum(int(lake.unit_info(stage, u).get("wells", 0)) for u in lake.committed_units(stage))
+    write_record(lake, artifact_dir("ProfileSet", dataset), replace(planned, n_features=len(names), n_wells=wells))
     summary = {"dataset": dataset, "units": len(units), "units_done_now": len(todo),
                "units_skipped": len(set(units) & done), "units_busy": len(busy),
                **totals, "treatments": treatments, "features": len(names), "seconds": round(time.time() - t0, 2)}
@@ -294,8 +302,54 @@ def run(lake: Lake, config: ProfileConfig | None = None, dataset: str | None = N
 RESOURCE_KEYS = ("dataset", "workers", "num_cpus_per_worker", "batch_size", "units_per_wave", "max_plane_bytes")
 
 
-def check_resume(lake: Lake, cfg: ProfileConfig, dataset: str, done: set[str]) -> None:
-    """Refuse to add units made with another science config to a dataset's committed ones (like ``train``)."""
+def profile_set_record(lake: Lake, cfg: ProfileConfig, dataset: str, items: pd.DataFrame) -> ProfileSet:
+    """The ProfileSet asked for: profiles of the catalog's sites (input ``catalog``: hash of the site keys) or of a
+    generation run (input ``images``: its GenerationRun record, an error naming `cpldm generate` when missing)."""
+    from pipelines.storage import code_version
+
+    if dataset == "real":
+        keys = "\n".join(sorted(items["Metadata_SiteKey"].astype(str)))
+        inputs, kind = {"catalog": InputRef(kind="Catalog", id="sites", fingerprint=fingerprint_of(keys))}, "real"
+    else:
+        inputs, kind = {"images": read_artifact(lake, GenerationRun, dataset).ref()}, "generated"
+    settings = json.loads(json.dumps(config_to_dict(cfg)))
+    return ProfileSet(id=dataset, inputs=inputs, config={k: v for k, v in settings.items() if k not in RESOURCE_KEYS},
+                      resources={k: settings[k] for k in RESOURCE_KEYS if k in settings}, code_version=code_version(),
+                      dataset_kind=kind, levels=("image", "well", "treatment") + (("cell",) if cfg.single_cell else ()))
+
+
+def read_profile_set(lake: Lake, dataset: str) -> ProfileSet:
+    """The ProfileSet record of ``dataset`` (profiled or imported; one-line error naming `cpldm profile`)."""
+    return read_artifact(lake, ProfileSet, dataset)
+
+
+def record_imported(lake: Lake, dataset: str, config: dict, path: str, n_features: int) -> None:
+    """The ProfileSet of a ``cpldm profile import`` dataset; its input is the imported file (named, hashed with
+    the import options), a source of the lineage like the catalog."""
+    settings = json.loads(json.dumps(config))
+    well_dir = f"{storage_schemas.table_spec('features_well').path}/dataset={dataset}"
+    n_wells = lake.read_table(well_dir, columns=["Metadata_Well"]).num_rows   # every imported file's wells
+    write_record(lake, artifact_dir("ProfileSet", dataset), ProfileSet(
+        id=dataset, inputs={"file": InputRef(kind="ProfileFile", id=str(path).rsplit("/", 1)[-1],
+                                             fingerprint=fingerprint_of(settings))},
+        config=settings, dataset_kind="imported", feature_set="imported", levels=("well", "treatment"),
+        n_features=n_features, n_wells=n_wells))
+
+
+def check_resume(lake: Lake, cfg: ProfileConfig, dataset: str, done: set[str],
+                 planned: ProfileSet | None = None) -> None:
+    """Refuse to add units made with another science config or other inputs to a dataset's committed ones.
+
+    The rule of every stage: the ProfileSet's fingerprint (science config, catalog or generation run) must match
+    the stored one; resources may differ. A dataset profiled before records existed is checked on its config.
+    """
+    if done and planned is not None and lake.exists(f"{artifact_dir('ProfileSet', dataset)}/_artifact.json"):
+        stored = read_record(lake, artifact_dir("ProfileSet", dataset), ProfileSet, dataset)
+        if stored.fingerprint != planned.fingerprint:
+            raise UserError(f"profile --dataset {dataset}: {len(done)} unit(s) were profiled with another config "
+                            f"or inputs (changed: {', '.join(planned.changed_fields(stored))}); rerun with --reset "
+                            "to redo the dataset with this config, or use the config it was made with")
+        return
     rel = f"features/_config/{dataset}/config.json"
     if not done or not lake.exists(rel):
         return

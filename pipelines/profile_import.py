@@ -221,7 +221,7 @@ def import_profiles(lake: Lake, path: str, dataset: str, metadata: dict[str, str
 
 
 def _import_frame(lake: Lake, frame: pd.DataFrame, path: str, dataset: str, opts: ImportOptions) -> dict:
-    from pipelines.profile import NO_DRAW, _safe, _to_arrow, write_treatments
+    from pipelines.profile import NO_DRAW, _safe, _to_arrow, record_imported, write_treatments
 
     frame, renamed = map_columns(frame, opts.mapping)
     if opts.platemap:
@@ -306,6 +306,7 @@ def _import_frame(lake: Lake, frame: pd.DataFrame, path: str, dataset: str, opts
     n_compounds = _write_compounds(lake, frame, control)
     labels = _write_labels(lake, frame, control, opts, renamed, path)
     lake.write_config(record_dir(dataset), config)
+    record_imported(lake, dataset, config, path, len(names))   # the ProfileSet evaluate names
     lake.commit_unit(f"{IMPORT_STAGE}-{dataset}", part, {"wells": len(frame), "file": path})
     kept = set(names) | set(storage_schemas.table_spec("features_well").schema.names) | {DOSE}
     summary = {"dataset": dataset, "level": level, "wells": int(len(frame)), "features": len(names),

@@ -9,13 +9,36 @@ Credentials never travel in the ``runtime_env``: Ray writes its ``env_vars`` in 
 A local cluster's workers inherit the driver's environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
 included) because its raylet is a child of this process; on a real cluster the nodes get credentials from
 their instance role or from the environment ``ray start`` ran with (see docs/cluster.md).
+
+A local cluster dies with its driver: Ray kills the processes the driver started itself (GCS, raylet) when it
+dies, but the raylet's children (``DashboardAgent``, ``RuntimeEnvAgent``, workers still running a task) are
+orphaned and live on for seconds to minutes. :func:`start_watchdog` starts, with the cluster, a small process
+that waits for the driver to disappear (``SIGKILL`` included) and then stops every process of that cluster:
+those whose environment carries the driver's :data:`OWNER_ENV` token (orphans name nothing on their command
+line) and those naming the session directory (``cluster_local.stop_processes``). A driver that joins an existing
+cluster (``RAY_ADDRESS``) starts none.
 """
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import time
+import uuid
 
 log = logging.getLogger(__name__)
+
+#: Set in the environment a local cluster is started with, so that every process of it (and no other) inherits it.
+OWNER_ENV = "CPLDM_RAY_OWNER"
+#: Seconds between the watchdog's checks that its driver is alive.
+WATCH_INTERVAL_S = 0.2
+#: Seconds the watchdog gives the cluster's processes to exit on SIGTERM before SIGKILL.
+WATCH_GRACE_S = 2.0
+#: Seconds the watchdog keeps sweeping for processes of the cluster that started while it stopped the others.
+WATCH_SWEEP_S = 10.0
+#: The watchdog of this process's local cluster (its stdin pipe carries the session directory).
+_WATCHDOG: subprocess.Popen | None = None
 
 #: Variables forwarded to Ray workers: S3 endpoint and region, Ray Train's report interval. Never a secret.
 FORWARDED_ENV = (
@@ -77,8 +100,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
         # a bounded object store keeps several local clusters (tests, demo) within a laptop's shared memory
         store = int(float(os.environ.get("CPLDM_OBJECT_STORE_BYTES", 1.5e9)))
         # address="local": always start a private cluster, never attach to another `ray start` on the machine
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 object_store_memory=store, **kwargs)
+        watchdog = start_watchdog()  # before ray.init: a driver killed while the cluster starts leaves nothing
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     object_store_memory=store, **kwargs)
+        finally:
+            os.environ.pop(OWNER_ENV, None)  # the cluster has it; later children of this process are not Ray's
+        _tell_session(watchdog, ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
     ctx.print_on_execution_start = not quiet
@@ -86,3 +114,82 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
         quiet_ray_logs()  # importing ray.data configures its loggers again
     log.log(logging.DEBUG if quiet else logging.INFO, "ray: %s", ray.cluster_resources())
     return ray
+
+
+# ---------------------------------------------------------------------------------------------- watchdog
+def start_watchdog() -> subprocess.Popen | None:
+    """Mark the environment with a fresh :data:`OWNER_ENV` token and start the watchdog of the local cluster
+    about to be started (``python -m pipelines.ray_runtime --watch <driver pid> <token>``); ``None`` if it
+    cannot start (the cluster then runs unwatched, as before)."""
+    global _WATCHDOG
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    os.environ[OWNER_ENV] = token
+    try:
+        # its own session: a Ctrl-C to the driver's terminal group must not stop it before it has cleaned up
+        argv = [sys.executable, "-m", "pipelines.ray_runtime", "--watch", str(os.getpid()), token]
+        _WATCHDOG = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+    except OSError as exc:
+        log.warning("ray: no watchdog for the local cluster (%s): if this process is killed, Ray's agents "
+                    "outlive it", exc)
+        _WATCHDOG = None
+    return _WATCHDOG
+
+
+def _tell_session(watchdog: subprocess.Popen | None, ray) -> None:
+    """Send the cluster's session directory to its watchdog (processes naming it are the cluster's too)."""
+    if watchdog is None:
+        return
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()
+        watchdog.stdin.write(session + "\n")
+        watchdog.stdin.flush()
+    except (AttributeError, OSError) as exc:  # private API moved, or the watchdog died: the token still works
+        log.debug("ray: session directory not sent to the watchdog: %s", exc)
+
+
+def owned_processes(token: str) -> list[int]:
+    """Pids (other than this one) whose environment holds ``OWNER_ENV=token``: every process of the cluster a
+    driver started, also those orphaned when it died. Read from ``/proc`` (Linux); empty elsewhere."""
+    needle = f"\0{OWNER_ENV}={token}\0".encode()
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in b"\0" + fh.read() + b"\0":
+                    found.append(int(entry))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+def watch(driver_pid: int, token: str) -> int:
+    """The watchdog's loop: wait while ``driver_pid`` (its parent) lives, reading the session directory from
+    stdin; then stop the cluster's processes. Returns how many survived SIGKILL."""
+    import select
+
+    from pipelines.cluster_local import stop_processes
+
+    session, stdin_open = "", True
+    while os.getppid() == driver_pid:  # a dead parent's children are re-parented: exact, immune to pid reuse
+        if stdin_open and not session:
+            if select.select([sys.stdin], [], [], WATCH_INTERVAL_S)[0]:
+                line = sys.stdin.readline()
+                session, stdin_open = line.strip(), bool(line)
+        else:
+            time.sleep(WATCH_INTERVAL_S)
+    deadline = time.monotonic() + WATCH_SWEEP_S
+    while True:  # sweep again until one finds nothing: a process may start while the last one is stopped
+        owned = tuple(owned_processes(token))
+        left = stop_processes(session, grace_s=WATCH_GRACE_S, extra=owned)
+        if not owned or time.monotonic() > deadline:
+            return left
+        time.sleep(WATCH_INTERVAL_S)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--watch":
+        sys.exit(1 if watch(int(sys.argv[2]), sys.argv[3]) else 0)
+    sys.exit("usage: python -m pipelines.ray_runtime --watch <driver pid> <token>")

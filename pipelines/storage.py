@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -318,6 +319,28 @@ class Lake:
 
     def release_unit(self, stage: str, unit: str) -> None:
         self.delete(self._claim(stage, unit))
+
+    def wait_and_claim(self, stage: str, unit: str, poll_s: float = 1.0) -> None:
+        """Claim ``unit`` of ``stage``, waiting while another live run holds it (a dead run's claim is taken over)."""
+        if self.claim_unit(stage, unit):
+            return
+        logging.getLogger(__name__).info("%s is held by another run: waiting for it to finish",
+                                         self.uri_of(self._claim(stage, unit)))
+        while not self.claim_unit(stage, unit):
+            time.sleep(poll_s)
+
+    def claim_units(self, stage: str, units, busy: list | None = None):
+        """Yield the ``units`` this process claims, each only when the caller asks for the next one (so
+        ``itertools.islice(..., n)`` claims at most ``n``). A unit another live run holds goes to ``busy``; one
+        that run committed since the caller listed the committed units (its claim released) is skipped."""
+        for unit in units:
+            if not self.claim_unit(stage, unit):
+                if busy is not None:
+                    busy.append(unit)
+            elif self.is_committed(stage, unit):
+                self.release_unit(stage, unit)
+            else:
+                yield unit
 
     def _create_if_absent(self, rel: str, data: bytes) -> bool:
         target = self.fs_path(rel)

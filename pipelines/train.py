@@ -19,6 +19,7 @@ redone after a restart overwrite, never duplicate.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -37,6 +38,7 @@ from cpldm_core.configuration import config_to_dict, load_config
 from cpldm_core.diffusion import TRAIN_PRESETS, TrainConfig
 from cpldm_core.errors import UserError
 from storage_schemas import zarr_layouts
+from storage_schemas.artifacts import InputRef, LatentCache, ModelCard, read_artifact, read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,15 @@ MODELS_DIR = "models"
 CHECKPOINT_FILE = "checkpoint.pt"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"   # Ray Train V2's checkpoint index (ray.train.v2 constants)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: TrainConfig fields that do not change the weights a step computes: where and how fast it runs, how often it
+#: checkpoints and validates, when it stops (``--resume`` may train a run longer) and test hooks. They are the
+#: ModelCard's ``resources``; every other field is science (``workers`` too: it sets the effective batch), and a
+#: resumed run whose science differs is refused. ``vae_id``/``encoder_id`` are the card's inputs instead.
+RESOURCE_KEYS = ("cpus_per_worker", "data_cpus", "gpus_per_worker", "max_failures", "keep_checkpoints",
+                 "checkpoint_every", "val_every", "val_max_rows", "val_timesteps", "max_steps", "epochs",
+                 "fail_at_step", "audit_rows")
+#: Confounder columns an scm model conditions on (the ConfounderVocab's source, batch and well tokens).
+SCM_CONFOUNDERS = ("Metadata_Source", "Metadata_Batch", "Metadata_Well")
 
 
 # ---------------------------------------------------------------------------------------------- lake layout
@@ -86,6 +97,8 @@ class TrainingData:
     vae_id: str
     encoder_id: str
     latent_shape: tuple[int, int, int]
+    latents: InputRef          # the LatentCache record the rows come from
+    embeddings: InputRef       # the compound vectors (kind Embeddings: ids and values hashed here)
     train: pa.Table            # Metadata_LatentRow, Metadata_JCP2022, compound_idx, confounders (list<int64>[4])
     val: pa.Table              # same columns; held-out batches, unknown confounders coded as null indices
     vocab: Any                 # ConfounderVocab
@@ -131,7 +144,11 @@ def prepare_data(lake, cfg: TrainConfig, run: str = "") -> TrainingData:
 
     vae_id = _pick(lake, cfg.vae_id, "latents/index", "vae", "vae id")
     encoder_id = _pick(lake, cfg.encoder_id, "embeddings", "encoder", "encoder id")
+    cache = read_artifact(lake, LatentCache, vae_id)   # what made the latents: one read, an error naming ingest
     shape = _latent_array_shape(lake, vae_id)
+    if tuple(shape[1:]) != tuple(cache.latent_shape):
+        raise UserError(f"{lake.uri_of(latents_rel(vae_id))} holds latents {tuple(shape[1:])} but its LatentCache "
+                        f"record says {tuple(cache.latent_shape)}; rerun `cpldm ingest --vae-id {vae_id} --force`")
     index = _read_index(lake, vae_id).to_pandas()
     bad_rows = index.loc[(index["Metadata_LatentRow"] < 0) | (index["Metadata_LatentRow"] >= shape[0])]
     if len(bad_rows):
@@ -193,8 +210,49 @@ def prepare_data(lake, cfg: TrainConfig, run: str = "") -> TrainingData:
                                                           ("reason", pa.string())]))
     from cpldm_core.design import confounder_support
     support = confounder_support(train_df)   # p'(C) of generation: what this model saw with treatments
-    return TrainingData(vae_id, encoder_id, tuple(shape[1:]), train_tbl, val_tbl, vocab, emb.ids,
-                        emb.pooled.astype(np.float32), emb.tokens, emb.mask, rej, counts, support)
+    return TrainingData(vae_id, encoder_id, tuple(cache.latent_shape), cache.ref(), embeddings_ref(encoder_id, emb),
+                        train_tbl, val_tbl, vocab, emb.ids, emb.pooled.astype(np.float32), emb.tokens, emb.mask, rej,
+                        counts, support)
+
+
+def embeddings_ref(encoder_id: str, emb) -> InputRef:
+    """The compound vectors as an input: sha256 of their ids and float32 values (pooled, tokens when present)."""
+    h = hashlib.sha256("\n".join(map(str, emb.ids)).encode())
+    for arr in (emb.pooled, emb.tokens, emb.mask):
+        if arr is not None:
+            h.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
+    return InputRef(kind="Embeddings", id=encoder_id, fingerprint=h.hexdigest())
+
+
+def training_data_fingerprint(data: "TrainingData") -> str:
+    """sha256 of the training rows (latent row, compound, confounder codes) in the order they were selected."""
+    h = hashlib.sha256(np.ascontiguousarray(data.train.column("Metadata_LatentRow").to_numpy(), np.int64).tobytes())
+    h.update("\n".join(data.train.column("Metadata_JCP2022").to_pylist()).encode())
+    codes = data.train.column("confounders").to_pylist()
+    h.update(np.asarray(codes, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def model_card(run: str, cfg: TrainConfig, data: "TrainingData", steps_done: int = 0) -> ModelCard:
+    """The ModelCard of ``run``: what generation needs in one read (kind, confounders and vocabulary, latent
+    shape, schedule, VAE and encoder ids) and the inputs it was trained from (LatentCache, Embeddings)."""
+    from pipelines.storage import code_version
+
+    settings = config_to_dict(cfg)
+    return ModelCard(
+        id=run, inputs={"latents": data.latents, "embeddings": data.embeddings},
+        config={k: v for k, v in settings.items() if k not in RESOURCE_KEYS and k not in ("vae_id", "encoder_id")},
+        resources={k: settings[k] for k in RESOURCE_KEYS}, code_version=code_version(),
+        model_kind=cfg.model, confounders=SCM_CONFOUNDERS if cfg.model == "scm" else (),
+        vocabulary={k: tuple(map(str, v)) for k, v in data.vocab.to_dict().items()},
+        compound_input=cfg.compound_input, latent_shape=tuple(data.latent_shape),
+        schedule=config_to_dict(cfg.schedule), vae_id=data.vae_id, encoder_id=data.encoder_id,
+        training_data_fingerprint=training_data_fingerprint(data), steps_done=steps_done)
+
+
+def read_model_card(lake, run: str) -> ModelCard:
+    """The ModelCard of ``models/<run>/`` (one-line error naming `cpldm train --run <run>` when missing/older)."""
+    return read_artifact(lake, ModelCard, run)
 
 
 def read_latent_rows(batch: dict[str, np.ndarray], lake, zarr_rel: str) -> dict[str, np.ndarray]:
@@ -267,7 +325,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
 
     from cpldm_core.denoiser import ConfounderAwareDenoiser, ConfounderVocab
-    from cpldm_core.diffusion import lr_at, make_scheduler, v_prediction_loss
+    from cpldm_core.diffusion import ema_decay_at, lr_at, make_scheduler, v_prediction_loss
 
     cfg: TrainConfig = loop_config["cfg"]
     lake, run = loop_config["lake"], loop_config["run"]
@@ -348,7 +406,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                          batch["confounders"].long() if cfg.model == "scm" else None,
                                          scheduler=scheduler, cond_dropout=cfg.cond_dropout,
                                          confounder_dropout=cfg.confounder_dropout if cfg.model == "scm" else 0.0,
-                                         generator=gen, null_codes=null_codes)
+                                         generator=gen, null_codes=null_codes, snr_gamma=cfg.snr_gamma)
                 (loss / cfg.grad_accum).backward()
             accum += float(loss.detach()) / cfg.grad_accum
             if not last_micro:
@@ -361,7 +419,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             opt.zero_grad(set_to_none=True)
             if ema is not None:
                 with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.parameters()), list(core.parameters()), 1.0 - cfg.ema_decay)
+                    torch._foreach_lerp_(list(ema.parameters()), list(core.parameters()),
+                                         1.0 - ema_decay_at(step, cfg.ema_decay))
             step += 1
             now = time.perf_counter()
             sps = cfg.batch_size * cfg.grad_accum / max(now - t_last, 1e-9)
@@ -444,10 +503,11 @@ def run(lake, config: TrainConfig, run: str | None = None, resume: bool = False)
     if has_snapshot and not resume:
         raise UserError(f"{lake.uri_of(run_dir(run))} already holds a training run; pass --resume to continue it "
                         "or choose another --run name")
-    if resume and lake.exists(f"{run_dir(run)}/config.json"):
-        saved = lake.read_json(f"{run_dir(run)}/config.json")
-        if saved.get("config", {}).get("model") != cfg.model:
-            raise UserError(f"run {run!r} trains a {saved['config'].get('model')} model, not {cfg.model}")
+    stored = None
+    if resume and has_snapshot:   # a run without a card was made by a cpldm without records: an error naming train
+        stored = read_record(lake, run_dir(run), ModelCard, run)
+        if stored.model_kind != cfg.model:   # cheap check before Ray starts; the full rule follows prepare_data
+            raise UserError(f"run {run!r} trains a {stored.model_kind} model, not {cfg.model}")
 
     ray = ensure_ray()
     free_cpus = ray.cluster_resources().get("CPU", 0) - cfg.workers * cfg.cpus_per_worker
@@ -457,6 +517,12 @@ def run(lake, config: TrainConfig, run: str | None = None, resume: bool = False)
                         f"{ray.cluster_resources().get('CPU', 0):g} CPUs for Ray Data (needs >= 1); lower "
                         "--workers or --cpus-per-worker")
     data = prepare_data(lake, cfg, run)
+    planned = model_card(run, cfg, data)
+    if stored is not None and stored.fingerprint != planned.fingerprint:
+        # one rule: resuming continues the same science on the same inputs; resources may change
+        raise UserError(f"--resume: run {run!r} was trained with other settings or inputs "
+                        f"({', '.join(planned.changed_fields(stored))} differ); choose another --run")
+    write_record(lake, run_dir(run), replace(planned, steps_done=stored.steps_done) if stored else planned)
     if data.rejects.num_rows:
         lake.write_named("rejects", data.rejects, part=run, partition={"stage": STAGE})
     effective_batch = cfg.batch_size * cfg.workers * cfg.grad_accum
@@ -467,12 +533,13 @@ def run(lake, config: TrainConfig, run: str | None = None, resume: bool = False)
              max_steps, effective_batch, cfg.workers)
     metadata = {"schedule": config_to_dict(cfg.schedule), "run": run, "vae_id": data.vae_id,
                 "encoder_id": data.encoder_id, "latent_shape": list(data.latent_shape)}
-    lake.write_config(run_dir(run), cfg, extra={"run": run, "model": cfg.model, "vae_id": data.vae_id,
-                                                "encoder_id": data.encoder_id,
-                                                "latent_shape": list(data.latent_shape), "max_steps": max_steps,
-                                                "counts": data.counts,
-                                                "confounder_support": {"table": "confounder_support", "model": run,
-                                                                       "combinations": len(data.support)}})
+    if stored is None:   # a resumed run keeps the config its first steps were made with
+        lake.write_config(run_dir(run), cfg, extra={"run": run, "model": cfg.model, "vae_id": data.vae_id,
+                                                    "encoder_id": data.encoder_id,
+                                                    "latent_shape": list(data.latent_shape), "max_steps": max_steps,
+                                                    "counts": data.counts,
+                                                    "confounder_support": {"table": "confounder_support", "model": run,
+                                                                           "combinations": len(data.support)}})
     lake.write_json(f"{run_dir(run)}/vocab.json", data.vocab.to_dict())
     lake.write_named("confounder_support", pa.Table.from_pandas(data.support, preserve_index=False), config=cfg,
                      part="support", partition={"model": run})
@@ -525,6 +592,7 @@ def run(lake, config: TrainConfig, run: str | None = None, resume: bool = False)
                "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "model_dir": lake.uri_of(final_dir(run)), "wall_s": round(time.perf_counter() - t0, 1)}
     lake.write_json(f"{run_dir(run)}/summary.json", summary)
+    write_record(lake, run_dir(run), replace(planned, steps_done=summary["steps"]))
     log.info("train %s: done in %.0f s: %s", run, summary["wall_s"], summary)
     return summary
 

@@ -266,9 +266,11 @@ class ProfileSet(Record):
 
 @dataclass(frozen=True)
 class EvalRun(Record):
-    """An evaluation (``evaluation/<id>/``). Inputs: one ProfileSet per data type (role = data type)."""
+    """An evaluation (``eval/<id>/``). Inputs: one ProfileSet per data type (role = data type), and ``truth``
+    (the interventional truth's ProfileSet) when it was the yardstick; ``metrics``: those in ``eval_results``."""
 
     KIND: ClassVar[str] = "EvalRun"
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("metrics",)
     MADE_BY: ClassVar[str] = "cpldm evaluate --run {id}"
 
     data_types: tuple[str, ...] = ()
@@ -278,6 +280,13 @@ class EvalRun(Record):
 #: Every record kind by its ``kind`` string.
 RECORDS: dict[str, type[Record]] = {cls.KIND: cls for cls in
                                     (VaeModel, LatentCache, ModelCard, GenerationRun, ProfileSet, EvalRun)}
+
+#: Lake directory of each kind's artifact (``{id}`` = the record's id): where its ``_artifact.json`` lives, so an
+#: input named by kind and id is found in one read. Profile sets (made by ``cpldm profile`` or imported) keep
+#: theirs beside the profile config, the feature tables themselves being partitions of shared tables.
+ARTIFACT_DIRS: dict[str, str] = {"VaeModel": "vae/{id}", "LatentCache": "latents/{id}", "ModelCard": "models/{id}",
+                                 "GenerationRun": "synthetic/{id}", "ProfileSet": "features/_config/{id}",
+                                 "EvalRun": "eval/{id}"}
 
 
 def made_by(cls: type[Record], artifact_id: str) -> str:
@@ -442,7 +451,81 @@ def read_record(store: Store, directory: str, cls: type[Record], artifact_id: st
     return decode(cls, store.read_bytes(rel), where=rel)
 
 
-__all__ = ["ARTIFACT_FILE", "ARTIFACT_SCHEMA_VERSION", "ArtifactError", "ArtifactInvalid", "ArtifactMissing",
-           "ArtifactOutdated", "EvalRun", "GenerationRun", "InputRef", "LatentCache", "ModelCard", "ProfileSet",
-           "RECORDS", "Record", "Store", "VaeModel", "canonical_json", "decode", "encode", "fingerprint_of",
-           "read_record", "write_record"]
+def artifact_dir(kind: str, artifact_id: str) -> str:
+    """Lake directory of the artifact ``kind``/``artifact_id`` (:data:`ARTIFACT_DIRS`)."""
+    if kind not in ARTIFACT_DIRS:
+        raise ValueError(f"{kind!r} is not an artifact kind with a record ({', '.join(ARTIFACT_DIRS)})")
+    return ARTIFACT_DIRS[kind].format(id=artifact_id)
+
+
+def read_artifact(store: Store, cls: type[Record], artifact_id: str) -> Record:
+    """The record of artifact ``artifact_id`` of kind ``cls``, read from its directory (:func:`read_record`)."""
+    return read_record(store, artifact_dir(cls.KIND, artifact_id), cls, artifact_id)
+
+
+# ---------------------------------------------------------------------------------------------- lineage
+@dataclass(frozen=True)
+class LineageNode:
+    """One artifact on the way back from an artifact to its sources.
+
+    ``depth`` 0 is the artifact asked about; ``role`` the input role it plays for its child ("" at depth 0);
+    ``record`` is ``None`` for inputs that are not artifacts with records (``Catalog``, ``Embeddings``, an
+    oracle, an imported file): the sources of the graph. ``repeated``: already listed higher up (a shared input).
+    """
+
+    depth: int
+    role: str
+    kind: str
+    id: str
+    fingerprint: str
+    record: Record | None = None
+    repeated: bool = False
+
+
+def lineage(store: Store, kind: str, artifact_id: str) -> list[LineageNode]:
+    """Every artifact that went into ``kind``/``artifact_id``, depth first (inputs in role order).
+
+    Each input that is an artifact kind is read from its directory and must be the artifact the child was made
+    from: its id and its fingerprint equal the child's :class:`InputRef`. A parent that is missing, invalid or
+    remade since (another fingerprint) raises one :class:`ArtifactError` line naming the child, the role, the
+    parent and the command that remakes the child.
+    """
+    if kind not in RECORDS:
+        raise ValueError(f"{kind!r} is not an artifact kind ({', '.join(RECORDS)})")
+    root = read_artifact(store, RECORDS[kind], artifact_id)
+    nodes = [LineageNode(0, "", kind, artifact_id, root.fingerprint, root)]
+    seen = {(kind, artifact_id)}
+
+    def walk(child: Record, depth: int) -> None:
+        for role in sorted(child.inputs):
+            ref = child.inputs[role]
+            if ref.kind not in RECORDS:
+                nodes.append(LineageNode(depth, role, ref.kind, ref.id, ref.fingerprint))
+                continue
+            if (ref.kind, ref.id) in seen:
+                nodes.append(LineageNode(depth, role, ref.kind, ref.id, ref.fingerprint, repeated=True))
+                continue
+            where = f"{child.KIND} '{child.id}' input '{role}' ({ref.kind} '{ref.id}')"
+            try:
+                parent = read_artifact(store, RECORDS[ref.kind], ref.id)
+            except ArtifactError as exc:
+                # the parent is what is missing or broken: its own command remakes it
+                raise type(exc)(where, child.KIND, [str(exc).split("; (re)make it with")[0]],
+                                exc.made_by) from None
+            if parent.id != ref.id or parent.fingerprint != ref.fingerprint:
+                raise ArtifactInvalid(where, child.KIND, [
+                    f"made from fingerprint {ref.fingerprint[:12]}, but {artifact_dir(ref.kind, ref.id)} holds "
+                    f"'{parent.id}' with fingerprint {parent.fingerprint[:12]} (remade since)"], child.made_by())
+            seen.add((ref.kind, ref.id))
+            nodes.append(LineageNode(depth, role, ref.kind, ref.id, ref.fingerprint, parent))
+            walk(parent, depth + 1)
+
+    walk(root, 1)
+    return nodes
+
+
+__all__ = ["ARTIFACT_DIRS", "ARTIFACT_FILE", "ARTIFACT_SCHEMA_VERSION", "ArtifactError", "ArtifactInvalid",
+           "ArtifactMissing", "ArtifactOutdated", "EvalRun", "GenerationRun", "InputRef", "LatentCache",
+           "LineageNode", "ModelCard", "ProfileSet", "RECORDS", "Record", "Store", "VaeModel", "artifact_dir",
+           "canonical_json", "decode", "encode", "fingerprint_of", "lineage", "read_artifact", "read_record",
+           "write_record"]

@@ -55,7 +55,7 @@ def test_tiny_demo_end_to_end(tmp_path, ray_cluster):
     folds = results[results["fold"] >= 0]
     cfg = demo.DEMO_PRESETS["tiny"]
     guided = f"g{cfg.guidance_scale:g}"
-    data_types = ({"real", "real-harmony", "real-allwells", "chemistry-nn"}
+    data_types = ({"real", "real-harmony", "real-allwells", "chemistry-nn", "vae-recon"}
                   | {f"{kind}-N{n}" for kind in ("c-aware", "non-c-aware") for n in cfg.draws}
                   | {f"{kind}-N{n}-{guided}" for kind in ("c-aware", "non-c-aware") for n in cfg.guidance_draws}
                   | {f"oracle-{kind}-N{n}" for kind in ("c-aware", "scm-free") for n in cfg.oracle_draws})

@@ -7,8 +7,8 @@ import torch
 
 from cpldm_core.configuration import load_config
 from cpldm_core.denoiser import ConfounderAwareDenoiser, ConfounderVocab
-from cpldm_core.diffusion import (TRAIN_PRESETS, ScheduleConfig, TrainConfig, add_noise, lr_at, make_scheduler,
-                                  sample, v_prediction_loss, v_target)
+from cpldm_core.diffusion import (TRAIN_PRESETS, ScheduleConfig, TrainConfig, add_noise, ema_decay_at, lr_at,
+                                  make_scheduler, min_snr_weights, sample, v_prediction_loss, v_target)
 from cpldm_core.errors import UserError
 
 D = 8
@@ -135,3 +135,67 @@ def test_train_config_presets_and_overrides():
     with pytest.raises(UserError, match="model"):
         load_config(TrainConfig, None, ["model=other"])
     assert lr_at(0, cfg) == pytest.approx(cfg.lr / cfg.warmup_steps) and lr_at(10_000, cfg) == cfg.lr
+
+
+def test_min_snr_weights_match_the_naive_formula():
+    s = make_scheduler("ddpm")
+    t = torch.tensor([0, 1, 50, 200, 500, 800, 999])
+    acp = s.alphas_cumprod.double().numpy()
+    naive = [min(acp[k] / (1 - acp[k]), 5.0) / (acp[k] / (1 - acp[k]) + 1) for k in t.tolist()]
+    np.testing.assert_allclose(min_snr_weights(s.alphas_cumprod, t, 5.0).numpy(), naive, rtol=1e-6)
+    # low noise: capped at gamma / (SNR + 1) << 1; pure noise: ~SNR (the v-MSE's x0 weight is SNR + 1)
+    w = min_snr_weights(s.alphas_cumprod, t, 5.0)
+    assert w[0] < 0.05 and w[-1] < 0.01 and w[3] > w[0]
+
+
+def test_min_snr_loss_is_the_weighted_per_sample_mse(model):
+    s = make_scheduler("ddpm")
+    x0, c = torch.randn(4, 8, 8, 8), torch.randn(4, D)
+    conf = model.vocab.encode(["source_1"] * 4, ["b1", "b2", "b1", "b2"], ["A01"] * 4)
+    loss = v_prediction_loss(model, x0, c, confounders=conf, scheduler=s, snr_gamma=5.0,
+                             generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        pred = model(s.add_noise(x0, eps, t), t, c, confounders=conf)
+    per = ((pred - s.get_velocity(x0, eps, t)) ** 2).mean(dim=(1, 2, 3)).double().numpy()
+    snr = (s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])).double().numpy()
+    ref = float(np.mean(per * np.minimum(snr, 5.0) / (snr + 1)))
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    plain = v_prediction_loss(model, x0, c, confounders=conf, scheduler=s, generator=torch.Generator().manual_seed(3))
+    assert float(plain) == pytest.approx(float(per.mean()), rel=1e-5) and abs(float(plain) - ref) > 1e-3
+
+
+def test_cosine_lr_schedule_against_the_formula():
+    import math
+    from dataclasses import replace
+
+    cfg = replace(TRAIN_PRESETS["demo"], lr_schedule="cosine", max_steps=120, warmup_steps=20, lr=1e-3)
+    for step in (0, 10, 19):
+        assert lr_at(step, cfg) == pytest.approx(1e-3 * (step + 1) / 20)
+    for step in (20, 45, 70, 119, 500):
+        p = min(1.0, (step - 20) / 100)
+        assert lr_at(step, cfg) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * p)), abs=1e-12)
+    assert lr_at(70, cfg) == pytest.approx(5e-4) and lr_at(119, cfg) < 1e-5
+    assert lr_at(119, TRAIN_PRESETS["demo"]) == TRAIN_PRESETS["demo"].lr   # default stays constant
+    with pytest.raises(UserError, match="cosine"):
+        TrainConfig(max_steps=0, epochs=2.0, lr_schedule="cosine")
+    with pytest.raises(UserError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+
+
+def test_ema_warm_up_forgets_the_initial_weights_of_a_short_run():
+    """Share of the random initial weights left in the EMA after 960 steps (exp_model's 4x arm): a naive loop
+    over the lerp the training loop applies. Fixed 0.999 keeps 0.999^960 = 38%; the warm-up keeps ~0."""
+    def initial_share(decays):
+        share = 1.0
+        for d in decays:
+            share *= d             # ema <- d * ema + (1 - d) * weights
+        return share
+
+    fixed = initial_share([0.999] * 960)
+    warmed = initial_share([ema_decay_at(step, 0.999) for step in range(960)])
+    assert fixed == pytest.approx(0.999 ** 960) and fixed > 0.3
+    assert warmed < 1e-3
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999

@@ -87,7 +87,14 @@ def test_morgan_embed_incremental_with_rejects(lake, ray_cluster, tmp_path):
 
 
 def test_rerun_after_crash_is_exactly_once(local_lake, ray_cluster):
-    """A unit whose part was written but whose marker was not (killed midway) is redone, once."""
+    """A unit whose part was written but whose marker was not (killed midway) is redone, once; a run started
+    while another live run extends the cache waits for it instead of replanning its units."""
+    import subprocess
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests._fixtures import hold_claim
+
     cfg = cc.embed_preset("tiny")
     write_catalog(local_lake, catalog_frame(20))
     embed.run(local_lake, cfg)
@@ -95,9 +102,23 @@ def test_rerun_after_crash_is_exactly_once(local_lake, ray_cluster):
     stage = embed.unit_stage("morgan-r2-256")
     lost = sorted(local_lake.committed_units(stage))[0]
     local_lake.delete(f"_markers/{stage}/{lost}.json")
-    n_lost = local_lake.read_table(f"{embed.table_dir('morgan-r2-256')}/{lost}.parquet").num_rows
-    again = embed.run(local_lake, cfg)
+    part = f"{embed.table_dir('morgan-r2-256')}/{lost}.parquet"
+    n_lost = local_lake.read_table(part).num_rows
+    other = subprocess.Popen(["sleep", "300"])  # another run, alive on this host, is extending the cache
+    try:
+        hold_claim(local_lake, stage, embed.CACHE_UNIT, other.pid)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(embed.run, local_lake, cfg)
+            time.sleep(2.0)
+            # it waits: the other run's unwritten-marker part is neither deleted nor redone under it
+            assert not waiting.done() and local_lake.exists(part) and lost not in local_lake.committed_units(stage)
+            local_lake.release_unit(stage, embed.CACHE_UNIT)   # the other run is done
+            again = waiting.result(timeout=300)
+    finally:
+        other.kill()
+        other.wait()
     assert again["embedded"] == n_lost
+    assert not local_lake.exists(f"_claims/{stage}/{embed.CACHE_UNIT}.json")   # released
     redone = embed.read_embeddings_table(local_lake, "morgan-r2-256").to_pandas()
     key = "Metadata_JCP2022"
     pd.testing.assert_frame_equal(redone.sort_values(key).reset_index(drop=True)[[key, "Metadata_InChIKey"]],

@@ -11,9 +11,10 @@ from scipy import stats
 
 from cpldm_core.errors import UserError
 from cpldm_core.evaluation.config import preset
-from benchmarks.bench_evaluate import features_table, write_evaluation_lake
+from tests._fixtures import features_table, write_evaluation_lake, write_profile_set
 from cpldm_core.evaluation.simulated_profiles import simulate_profiles, treatment_means
 from cpldm_core.evaluation.truth import truth_space_profiles
+from storage_schemas import artifacts as art
 from storage_schemas.columns import DMSO_JCP2022
 
 CFG = preset("tiny", concurrency=0)
@@ -37,6 +38,7 @@ def write_truth(lake, world, draws=4, dmso_per_draw=8, seed=11):
     lake.write_named("features_well", features_table(meta, np.asarray(values, np.float32), names,
                                                      np.repeat(np.arange(draws), len(meta) // draws)),
                      part="block-0", partition={"dataset": "truth"})
+    write_profile_set(lake, "truth", "generated", {"images": art.InputRef("GenerationRun", "truth", "t" * 64)})
 
 
 def write_world(lake):
@@ -200,7 +202,7 @@ def test_heldout_batches_chemistry_nn_oracle_and_truth_data_types(local_lake):
     """With held-out batches, Morgan bits and an oracle run in the lake: real-allwells, chemistry-nn and
     oracle-c-aware-N3 are evaluated; real's seen compounds use held-out wells only (so real != real-allwells);
     chemistry-nn's profiles are real profiles of nearest seen neighbours; the truth is never a data type."""
-    from benchmarks.bench_evaluate import synthetic_draws
+    from tests._fixtures import synthetic_draws
     from cpldm_core.evaluation.baselines import nearest_seen_neighbours
     from pipelines import evaluate
 
@@ -231,6 +233,8 @@ def test_heldout_batches_chemistry_nn_oracle_and_truth_data_types(local_lake):
                                                            smeta["draw"].to_numpy()),
                            part="block-0", partition={"dataset": "oracle-run"})
     local_lake.write_json("synthetic/oracle-run/config.json", {"generation": {"oracle": "c-aware", "draws": 3}})
+    write_profile_set(local_lake, "oracle-run", "generated",
+                      {"images": art.InputRef("GenerationRun", "oracle-run", "o" * 64)})
     found = evaluate.discover(local_lake, CFG, heldout=True, fingerprints=True)
     assert {"real-allwells", "chemistry-nn", "oracle-c-aware-N3"} <= set(found) and "truth" not in found
     cfg = replace(CFG, run="h", report=False, copairs=False,
@@ -255,10 +259,38 @@ def test_heldout_batches_chemistry_nn_oracle_and_truth_data_types(local_lake):
     real_ids, real_prof = truth_space_profiles(world["meta"], world["values"], world["features"], list(truth.columns),
                                                control, ~control, CFG.outlier_threshold)
     row = {c: i for i, c in enumerate(real_ids)}
-    for c in ids:
-        if split[c] == "unseen":   # unseen compounds: all wells in both real variants
-            assert rec.loc[("real", c)] == pytest.approx(rec.loc[("real-allwells", c)], abs=1e-6)
-        expected = stats.pearsonr(real_prof[row[nn[c]]], truth.loc[c].to_numpy())[0]
-        assert rec.loc[("chemistry-nn", c)] == pytest.approx(expected, abs=1e-5)
-        own = stats.pearsonr(real_prof[row[c]], truth.loc[c].to_numpy())[0]
-        assert rec.loc[("real-allwells", c)] == pytest.approx(own, abs=1e-5)
+    # reference: scipy's Pearson r after centring profiles and truth on their mean compound within each split
+    for name in ("seen", "unseen"):
+        members = [c for c in ids if split[c] == name]
+        t = truth.loc[members].to_numpy(np.float64)
+        t = t - t.mean(axis=0)
+        for data_type, source in (("chemistry-nn", [nn[c] for c in members]), ("real-allwells", members)):
+            p = real_prof[[row[c] for c in source]].astype(np.float64)
+            p = p - p.mean(axis=0)
+            for i, c in enumerate(members):
+                assert rec.loc[(data_type, c)] == pytest.approx(stats.pearsonr(p[i], t[i])[0], abs=1e-5), (data_type, c)
+                if name == "unseen":   # unseen compounds: all wells in both real variants
+                    assert rec.loc[("real", c)] == pytest.approx(rec.loc[("real-allwells", c)], abs=1e-6)
+
+
+def test_only_science_or_changed_profiles_recompute(local_lake):
+    """One rule: committed units are reused when only resources differ (concurrency, CPUs, report), recomputed
+    when a science setting differs or a data type's ProfileSet is not the one the stored EvalRun names."""
+    from cpldm_core.configuration import config_to_dict
+    from pipelines import evaluate
+
+    write_evaluation_lake(local_lake, n_compounds=8, n_features=4)
+    cfg = replace(CFG, run="r")
+    local_lake.commit_unit(evaluate.stage_name("r"), "real", {"config": config_to_dict(cfg)})
+    types = {"real": "real", "c-aware-N3": "scm-N3"}
+    planned = evaluate.eval_record(local_lake, cfg, types, truth=False)
+    assert planned.inputs["c-aware-N3"] == art.read_artifact(local_lake, art.ProfileSet, "scm-N3").ref()
+    art.write_record(local_lake, "eval/r", planned)
+    assert not evaluate._config_changed(local_lake, replace(cfg, concurrency=3, num_cpus=2.0, report=False), planned)
+    assert evaluate._config_changed(local_lake, replace(cfg, n_folds=cfg.n_folds + 1), planned)
+    write_profile_set(local_lake, "scm-N3", "generated", {"images": art.InputRef("GenerationRun", "scm-N3", "h" * 64)})
+    assert evaluate._config_changed(local_lake, cfg, evaluate.eval_record(local_lake, cfg, types, truth=False))
+    # a dataset without its ProfileSet is one line naming the command that makes it
+    local_lake.delete("features/_config/scm-N3/_artifact.json")
+    with pytest.raises(art.ArtifactMissing, match=r"no ProfileSet record.*`cpldm profile --dataset scm-N3`$"):
+        evaluate.eval_record(local_lake, cfg, types, truth=False)

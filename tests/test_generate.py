@@ -8,17 +8,19 @@ classifier-free guidance; TIFF export.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.bench_generate import BATCHES, TOY_ENCODER, TOY_VAE, WELLS, build_toy_lake
+from tests._fixtures import BATCHES, TOY_ENCODER, TOY_VAE, WELLS, build_toy_lake, toy_model_card
 from cpldm_core.design import GenerateConfig
 from cpldm_core.errors import UserError
 from pipelines import generate
 from pipelines.storage import Lake
+from storage_schemas.artifacts import LatentCache, ModelCard, read_artifact, write_record
 
 SIDE = 32  # px: tiny U-Net at 4x4 latents, VAE 8x
 
@@ -190,9 +192,9 @@ def test_cli_ray_actors_on_s3_give_the_same_images(s3_lake, ray_cluster, toy, re
 
 
 def test_generation_samples_at_the_trained_latent_side_not_the_preset_side(tmp_path):
-    """A model whose U-Net preset says 8x8 latents but which was trained on 4x4 ones (metadata.latent_shape, as
-    ``cpldm train`` records it) generates 32 px images, the size of its training crops; without the metadata
-    the U-Net's own sample_size is used."""
+    """A model whose U-Net preset says 8x8 latents but which was trained on 4x4 ones (its ModelCard's
+    latent_shape, as ``cpldm train`` records it) generates 32 px images, the size of its training crops: the card
+    decides, never the U-Net's own sample_size."""
     from cpldm_core.denoiser import ConfounderAwareDenoiser, ConfounderVocab
     from cpldm_core.diffusion import ScheduleConfig
 
@@ -209,6 +211,10 @@ def test_generation_samples_at_the_trained_latent_side_not_the_preset_side(tmp_p
             lake.write_bytes(f"models/{run}/final/{f.name}", f.read_bytes())
         lake.write_bytes(f"confounder_support/model={run}/support.parquet",
                          lake.read_bytes("confounder_support/model=scm/support.parquet"))
+        # the ModelCard records the side trained on (train writes it from the LatentCache record)
+        side = int(run.rsplit("-", 1)[1])
+        write_record(lake, f"models/{run}", toy_model_card(run, read_artifact(lake, LatentCache, TOY_VAE).ref(),
+                                                           vocab, side, kind="scm"))
     assert generate.resolve_model(lake, "trained-4").latent_shape == (8, 4, 4)
     assert generate.resolve_model(lake, "preset-8").latent_shape == (8, 8, 8)
     generate.run(lake, config(model_run="trained-4", draws=1, steps=2), use_ray=False)
@@ -221,6 +227,7 @@ def test_a_model_without_recorded_support_is_refused(toy):
     for f in ("config.json", "vocab.json", "weights.pt"):
         if lake.exists(f"models/scm/final/{f}"):
             lake.write_bytes(f"models/old/final/{f}", lake.read_bytes(f"models/scm/final/{f}"))
+    write_record(lake, "models/old", dataclasses.replace(read_artifact(lake, ModelCard, "scm"), id="old"))
     with pytest.raises(UserError, match="no recorded confounder support"):
         generate.run(lake, config(model_run="old", run="old-N3"), use_ray=False, max_blocks=0)
 
@@ -296,7 +303,9 @@ def oracle_lake(tmp_path_factory):
     norm = {"method": "global-per-channel-robust-percentile", "low": [300.0, 250.0, 200.0, 220.0, 180.0],
             "high": [30000.0, 25000.0, 26000.0, 24000.0, 20000.0]}
     lake.write_json("latents/sim-vae/normalisation.json", norm)
-    lake.write_json("latents/sim-vae/config.json", {"config": {"crop_mode": "centre", "crop_size": ORACLE_CROP}})
+    # the oracle takes the crop from the cache's LatentCache record, as ingest writes it
+    write_record(lake, "latents/sim-vae", LatentCache(id="sim-vae", inputs={}, vae_id="sim-vae", crop_mode="centre",
+                                                      crop_size=ORACLE_CROP, tile_grid=2))
     return lake, world, sites, heldout, norm
 
 
@@ -371,3 +380,43 @@ def test_each_draw_is_a_plate_with_its_own_dmso_wells_in_profile(toy, reference)
     controls = items[items["Metadata_pert_type"] == "negcon"]
     assert controls.groupby("Metadata_Plate").size().tolist() == [2, 2, 2]
     assert ((controls["Metadata_Draw"] % 3).to_numpy() == manifest.loc[controls.index, "Metadata_Draw"]).all()
+
+
+def test_a_second_run_leaves_the_blocks_a_live_run_holds(toy, reference):
+    """Two runs of one ``--run``: the second starts while the first (a live process) holds blocks 1 and 3 and has
+    half-written block 3. It does every other block and leaves those two alone. The first run is then killed
+    and a rerun takes its blocks over: the result equals the uninterrupted run and no block is done twice."""
+    import subprocess
+
+    import zarr
+
+    from tests._fixtures import hold_claim
+
+    lake, _ = toy
+    _, ref_images, ref_manifest = reference
+    cfg = config(run="concurrent")
+    stage = generate.block_stage("concurrent")
+    other = subprocess.Popen(["sleep", "300"])  # the first run's process: alive, on this host
+    try:
+        generate.run(lake, cfg, use_ray=False, max_blocks=0)   # it wrote the design and created the array ...
+        held = {generate.block_unit(1), generate.block_unit(3)}
+        for unit in held:                                         # ... and holds blocks 1 and 3
+            hold_claim(lake, stage, unit, other.pid)
+        images = zarr.open_array(lake.zarr_store(generate.images_path("concurrent")), path=generate.IMAGES_ARRAY,
+                                 mode="r+")
+        images[12:14] = 7                                         # block 3 (rows 12-15) half-written
+        second = generate.run(lake, cfg, use_ray=False)
+        all_blocks = {generate.block_unit(b) for b in range(second["blocks"])}
+        assert lake.committed_units(stage) == all_blocks - held
+        assert (images[12:14] == 7).all()                          # the held block was not touched
+        assert (second["blocks_done_now"], second["blocks_busy"]) == (second["blocks"] - 2, 2)
+        assert sorted(p.rsplit("/", 1)[-1] for p in lake.ls(f"_claims/{stage}")) == sorted(f"{u}.json" for u in held)
+        stamps = {u: lake.unit_info(stage, u)["time"] for u in all_blocks - held}
+    finally:
+        other.kill()
+        other.wait()
+    resumed = generate.run(lake, cfg, use_ray=False)   # the first run died: its claims are taken over
+    assert (resumed["blocks_done_now"], resumed["blocks_busy"]) == (2, 0)
+    assert {u: lake.unit_info(stage, u)["time"] for u in stamps} == stamps   # no block done twice
+    np.testing.assert_array_equal(generate.open_images(lake, "concurrent")[:], ref_images)
+    pd.testing.assert_frame_equal(generate.read_manifest(lake, "concurrent"), ref_manifest)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests._fixtures import hold_claim
 from test_catalog import CHANNELS, IMAGE_PX, build_raw_lake, real_example_metadata, tiff_bytes
 
 CROP = 16
@@ -175,9 +176,15 @@ def test_ingest_matches_reference_with_rejects(lake, ray_cluster):
     assert (merged["Metadata_JCP2022"] == merged["Metadata_JCP2022_cat"]).all()
 
 
-def test_ingest_killed_run_resumes_to_identical_output(local_lake, ray_cluster):
-    """Run B stops after 2 plates, leaves garbage in an uncommitted plate's rows, then resumes; run A is
-    uninterrupted and loads the same VAE through the from_pretrained(path, subfolder="vae") path."""
+def test_ingest_killed_and_concurrent_runs_give_identical_output(local_lake, ray_cluster):
+    """Run A is uninterrupted and loads the same VAE through the from_pretrained(path, subfolder="vae") path.
+    Cache B is made by runs that meet another live run: it creates the cache (they wait for it), then holds
+    plate P and has half-written its rows; they add every other plate without touching P or recreating the
+    cache. That run is then killed, and a rerun takes its claim over and does P alone: B equals A."""
+    import subprocess
+    import threading
+    import time
+
     from pipelines import catalog, ingest
     from cpldm_core.load_data import CatalogConfig
 
@@ -186,20 +193,44 @@ def test_ingest_killed_run_resumes_to_identical_output(local_lake, ray_cluster):
     tmp = save_tiny_vae(local_lake)
     a = ingest.run(local_lake, ingest_config(vae=tmp, vae_subfolder="vae", vae_id="a"))
     assert a["vae_id"] == "a"
-    first = ingest.run(local_lake, ingest_config(vae_id="b"), max_units=2)
-    assert first["units_committed"] == 2
-    arr_b = ingest.open_latents(local_lake, "b")
-    info = {u: local_lake.unit_info("ingest-b", u) for u in local_lake.committed_units("ingest-b")}
-    untouched = max(set(range(0, arr_b.shape[0], 4)) - {i["offset"] for i in info.values()})
-    arr_b[untouched:untouched + 4] = np.full((4, *arr_b.shape[1:]), 7.0, np.float16)  # partial write of a killed task
-    second = ingest.run(local_lake, ingest_config(vae_id="b", batch_size=2))   # resources may change
-    assert second["units_written"] == a["units"] - 2 and second["units_committed"] == a["units"]
+    info_a = {u: local_lake.unit_info("ingest-a", u) for u in local_lake.committed_units("ingest-a")}
+    other = subprocess.Popen(["sleep", "300"])  # the other run's process: alive, on this host
+    try:
+        hold_claim(local_lake, "ingest-b", ingest.CACHE_UNIT, other.pid)   # it is creating cache B
+        created = threading.Thread(target=ingest.run, args=(local_lake, ingest_config(vae_id="b")),
+                                   kwargs={"max_units": 0})
+        created.start()
+        time.sleep(2.0)
+        assert created.is_alive() and not local_lake.exists("latents/b/normalisation.json")   # waits for it
+        local_lake.release_unit("ingest-b", ingest.CACHE_UNIT)
+        created.join()
+        # ... which now holds plate P and has half-written it (a task writes its rows before the commit)
+        held = sorted(info_a)[1]
+        hold_claim(local_lake, "ingest-b", held, other.pid)
+        arr_b = ingest.open_latents(local_lake, "b")
+        offset = info_a[held]["offset"]
+        arr_b[offset:offset + 4] = np.full((4, *arr_b.shape[1:]), 7.0, np.float16)
+        first = ingest.run(local_lake, ingest_config(vae_id="b"), max_units=2)
+        second = ingest.run(local_lake, ingest_config(vae_id="b", batch_size=2))   # resources may change
+        assert local_lake.committed_units("ingest-b") == set(info_a) - {held}
+        assert (arr_b[offset:offset + 4] == 7.0).all()   # P untouched, the cache not created again
+        assert (first["units_written"], first["units_busy"]) == (2, 1)
+        assert (second["units_written"], second["units_busy"]) == (a["units"] - 3, 1)
+        # every claim of these runs is released: only the other run's is left
+        assert [p.rsplit("/", 1)[-1] for p in local_lake.ls("_claims/ingest-b")] == [f"{held}.json"]
+        stamps = {u: local_lake.unit_info("ingest-b", u)["time"] for u in local_lake.committed_units("ingest-b")}
+    finally:
+        other.kill()
+        other.wait()
+    resumed = ingest.run(local_lake, ingest_config(vae_id="b"))   # the other run died: its plate is taken over
+    assert (resumed["units_written"], resumed["units_busy"], resumed["units_committed"]) == (1, 0, a["units"])
+    assert {u: local_lake.unit_info("ingest-b", u)["time"] for u in stamps} == stamps   # no plate done twice
     za, zb = ingest.open_latents(local_lake, "a", mode="r")[:], ingest.open_latents(local_lake, "b", mode="r")[:]
     np.testing.assert_array_equal(za, zb)   # NaN == NaN here
     ia = local_lake.read_table("latents/index/vae=a").to_pandas().sort_values("Metadata_LatentRow")
     ib = local_lake.read_table("latents/index/vae=b").to_pandas().sort_values("Metadata_LatentRow")
     pd.testing.assert_frame_equal(ia.reset_index(drop=True), ib.reset_index(drop=True))
-    assert a["rejected"] == second["rejected"] == 4
+    assert a["rejected"] == resumed["rejected"] == 4
     # only resources changed: nothing is recomputed, the cache's bytes and record stay as they were
     record = local_lake.read_bytes("latents/b/_artifact.json")
     third = ingest.run(local_lake, ingest_config(vae_id="b", batch_size=3, read_concurrency=2, encode_concurrency=2,

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.bench_lake import manifest_rows, write_manifest_parts
+from tests._fixtures import manifest_rows, write_manifest_parts
 from cpldm_core.errors import UserError
 from pipelines import compaction
 from pipelines.lake_commands import table_files, validate_lake

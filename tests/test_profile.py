@@ -154,6 +154,9 @@ def write_synthetic_run(lake, run: str, n_draws: int = 3) -> pd.DataFrame:
         table = pa.Table.from_pandas(part, schema=table_spec("synthetic_manifest").schema, preserve_index=False)
         lake.write_named("synthetic_manifest", table,
                          part=f"block-{block:06d}", partition={"run": run})
+    from storage_schemas.artifacts import GenerationRun, InputRef, write_record   # the record profile names
+    write_record(lake, f"synthetic/{run}", GenerationRun(id=run, model_run="scm", draws=n_draws, rows=len(images),
+                                                         inputs={"model": InputRef("ModelCard", "scm", "0" * 64)}))
     return manifest
 
 

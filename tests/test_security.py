@@ -382,7 +382,7 @@ def test_profile_resume_refuses_changed_config_and_skips_claimed_units(local_lak
     assert not local_lake.exists("_claims/profile-real/source_1__B1__P1.json")  # released after its commit
     local_lake.release_unit("profile-real", "source_1__B1__P2")
     changed = replace(CFG, segmentation=replace(CFG.segmentation, nucleus_diameter_px=11.0))
-    with pytest.raises(Exception, match="another config \\(changed: segmentation\\)"):
+    with pytest.raises(Exception, match="another config.* \\(changed: (config\\.)?segmentation\\)"):
         profile.run(local_lake, changed, dataset="real")
     # resources may change on resume
     profile.check_resume(local_lake, replace(CFG, batch_size=3, workers=2, units_per_wave=1), "real", {"P1"})
@@ -393,3 +393,103 @@ def test_profile_resume_refuses_changed_config_and_skips_claimed_units(local_lak
     profile.write_treatments(local_lake, "real")
     treat = local_lake.read_table("features/treatment/dataset=real").to_pandas()
     assert treat["Metadata_WellCount"].tolist() == [1, 1]
+
+
+# ---------------------------------------------------------------------------------------------- 12. killed driver
+def _processes_of(ray_tmp: str) -> dict[int, str]:
+    """pid -> command line of every process started with ``RAY_TMPDIR=ray_tmp`` (Ray's orphaned agents name
+    nothing on their command line, but keep the environment they were started with) or naming that dir."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = fh.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                args = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"\0RAY_TMPDIR={ray_tmp}\0".encode() in b"\0" + env + b"\0" or ray_tmp in args:
+            found[int(entry)] = args
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the processes")
+def test_a_killed_driver_leaves_no_ray_process(ray_cluster, tmp_path):
+    """`cpldm simulate` is SIGKILLed while its local Ray runs tasks: within 15 s no process of its cluster is
+    left (before, DashboardAgent and RuntimeEnvAgent lived on, and workers finished their plates), and the
+    test session's own cluster, started the same way, is untouched."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    ray_tmp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    cpldm = os.path.join(os.path.dirname(sys.executable), "cpldm")
+    driver = subprocess.Popen([cpldm, "--lake", str(tmp_path / "lake"), "simulate", "--preset", "tiny"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(a.startswith("ray::simulate_plate") for a in _processes_of(ray_tmp).values()):
+            assert driver.poll() is None, f"driver ended before it was killed: {driver.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no Ray task started within 180 s"
+            time.sleep(0.2)
+        seen = _processes_of(ray_tmp)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 15
+        while _processes_of(ray_tmp) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _processes_of(ray_tmp)
+    finally:
+        driver.kill()
+        driver.wait()
+        for pid in _processes_of(ray_tmp):  # never leave them to the next test, whatever failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not left, left
+    # the finder saw the cluster while it ran: its raylet and the raylet's agents (the ones that outlived it)
+    assert any("raylet" in a for a in seen.values()) and any("agent" in a.lower() for a in seen.values()), seen
+
+    @ray_cluster.remote
+    def answer():
+        return 42
+
+    assert ray_cluster.get(answer.remote()) == 42
+
+
+JOIN_SCRIPT = r"""
+import json, os, sys
+from pipelines import ray_runtime
+ray = ray_runtime.ensure_ray()
+print(json.dumps({"watchdog": ray_runtime._WATCHDOG is not None, "token": ray_runtime.OWNER_ENV in os.environ,
+                  "nodes": len(ray.nodes())}))
+"""
+
+
+@pytest.mark.slow
+def test_a_driver_joining_a_cluster_starts_no_watchdog(ray_cluster):
+    """With RAY_ADDRESS the driver only joins: no watchdog, and its exit leaves the cluster running."""
+    import subprocess
+    import sys
+
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-c", JOIN_SCRIPT], env={**os.environ, "RAY_ADDRESS": address},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"watchdog": False, "token": False, "nodes": 1}
+
+    @ray_cluster.remote
+    def answer():
+        return 42
+
+    assert ray_cluster.get(answer.remote()) == 42

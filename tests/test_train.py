@@ -11,6 +11,7 @@ with *structured* latents: per-compound spatial pattern + per-batch channel offs
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -94,11 +95,43 @@ def write_training_lake(lake, size: int = 8, n_seen: int = 6, n_unseen: int = 2,
     lake.write_named("split_batches", pa.table({
         "Metadata_Source": [batches[b] for b in sorted(batches)], "Metadata_Batch": sorted(batches),
         "Metadata_BatchSplit": ["heldout" if b in heldout_b else "train" for b in sorted(batches)]}))
+    # the LatentCache record ingest writes beside a cache: train reads the latent shape and its input from it
+    from storage_schemas.artifacts import InputRef, LatentCache, write_record
+    write_record(lake, f"latents/{VAE_ID}", LatentCache(
+        id=VAE_ID, inputs={"vae": InputRef("VaeModel", VAE_ID, "0" * 64),
+                           "catalog": InputRef("Catalog", "sites", "1" * 64)},
+        vae_id=VAE_ID, latent_shape=(8, size, size)))
     return LakeTruth(index, seen, unseen, train_b, heldout_b)
 
 
 # ---------------------------------------------------------------------------------------------- tests
 TINY = {"cpus_per_worker": 0.5, "data_cpus": 0.25, "workers": 2}
+
+
+def test_model_card_inputs_and_fingerprint_rule(local_lake):
+    """The card train writes (no Ray needed to build it): its latents input is the LatentCache record's ref; the
+    fingerprint ignores resources and stopping (max_steps) but follows a science field and the training rows; a
+    lake whose cache has no record is one line naming ingest."""
+    from storage_schemas.artifacts import ArtifactMissing, LatentCache, read_artifact
+
+    from pipelines import train
+
+    write_training_lake(local_lake)
+    cfg = train.load_train_config("tiny", overrides=TINY)
+    data = train.prepare_data(local_lake, cfg, "scm")
+    card = train.model_card("scm", cfg, data)
+    assert card.inputs["latents"] == read_artifact(local_lake, LatentCache, VAE_ID).ref()
+    assert card.inputs["embeddings"].id == ENCODER_ID and card.latent_shape == (8, 8, 8)
+    assert card.vocabulary == {k: tuple(map(str, v)) for k, v in data.vocab.to_dict().items()}
+    assert card.confounders == ("Metadata_Source", "Metadata_Batch", "Metadata_Well")
+    resources = dataclasses.replace(cfg, cpus_per_worker=1.0, max_steps=999, val_every=0)
+    assert train.model_card("scm", resources, data).fingerprint == card.fingerprint
+    assert train.model_card("scm", dataclasses.replace(cfg, lr=1e-5), data).changed_fields(card) == ["config.lr"]
+    fewer = dataclasses.replace(data, train=data.train.slice(1))   # one training row less
+    assert train.model_card("scm", cfg, fewer).changed_fields(card) == ["training_data_fingerprint"]
+    local_lake.delete(f"latents/{VAE_ID}/_artifact.json")
+    with pytest.raises(ArtifactMissing, match=f"no LatentCache record.*`cpldm ingest --vae-id {VAE_ID} --force`$"):
+        train.prepare_data(local_lake, cfg, "scm")
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +247,21 @@ def test_scm_free_on_s3_and_resume(ray_cluster, s3_lake):
     assert resolve_model(s3_lake, "free").latent_shape == (8, 4, 4)   # generation samples what was trained
     with pytest.raises(UserError, match="--resume"):
         train.run(s3_lake, cfg, run="free")
+    # the ModelCard: what generation reads, linked to the LatentCache record of the latents it trained on
+    from storage_schemas.artifacts import LatentCache, read_artifact
+    card = train.read_model_card(s3_lake, "free")
+    assert (card.model_kind, card.confounders, card.latent_shape, card.steps_done) == ("scm-free", (), (8, 4, 4), 4)
+    assert card.inputs["latents"] == read_artifact(s3_lake, LatentCache, VAE_ID).ref()
+    assert card.encoder_id == ENCODER_ID and card.vocabulary["batches"] == ("b1", "b2", "b3")
+    # --resume with a changed science field is refused before any step; max_steps (when to stop) may change
+    other_lr = train.load_train_config("tiny", overrides={**TINY, "max_steps": 6, "checkpoint_every": 2,
+                                                          "val_every": 0, "lr": 1.2345e-4}, model="scm-free")
+    with pytest.raises(UserError, match=r"--resume: run 'free' was trained with other .*\(config\.lr differ\)"):
+        train.run(s3_lake, other_lr, run="free", resume=True)
     longer = train.load_train_config("tiny", overrides={**TINY, "max_steps": 6, "checkpoint_every": 2,
                                                         "val_every": 0}, model="scm-free")
     resumed = train.run(s3_lake, longer, run="free", resume=True)
     assert resumed["restored_from"] == 4 and resumed["steps"] == 6
     steps = train.read_history(s3_lake, "free").query("split == 'train'")["step"].tolist()
     assert steps == list(range(1, 7))
+    assert train.read_model_card(s3_lake, "free").steps_done == 6

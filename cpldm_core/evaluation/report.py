@@ -221,6 +221,8 @@ class ReportContent:
     notes: list[str] = field(default_factory=list)
     paired: pd.DataFrame = field(default_factory=pd.DataFrame)
     verdict: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: image gallery (``cpldm gallery``): (title, relative PNG path), shown after the tables of results
+    gallery: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _table(frame: pd.DataFrame, max_rows: int = 200) -> str:
@@ -257,6 +259,15 @@ def render_html(content: ReportContent) -> str:
     parts += ["<h2>Summary</h2>", _table(content.summary), f"<p><i>{html.escape(METRIC_LEGEND)}</i></p>"]
     for title, rel in content.figures:
         parts.append(f"<h3>{html.escape(title)}</h3><img src='{html.escape(rel)}' style='max-width:100%'>")
+    if content.gallery:
+        parts += ["<h2>Image gallery (real vs generated cells)</h2>",
+                  "<p>Composites: DNA blue, ER green, RNA cyan, AGP red, Mito magenta; one contrast per channel "
+                  "per figure. Generated rows show the same draw (noise seed, batch, well) of each run; the "
+                  "oracle row of the conditions figure renders every condition from one seed "
+                  "(<a href='gallery/README.md'>gallery/README.md</a>).</p>"]
+        for title, rel in content.gallery:
+            parts.append(f"<h3>{html.escape(title)}</h3><a href='{html.escape(rel)}'><img src='{html.escape(rel)}' "
+                         "style='max-width:100%'></a>")
     parts += ["<h2>Paired comparisons (identical folds; truth: identical compounds)</h2>",
               "<p>paired t and Wilcoxon signed-rank (scipy), Holm-adjusted; diff = group2 - group1.</p>",
               _table(content.paired, max_rows=400),

@@ -1,0 +1,310 @@
+"""Experiment (issue 18): training-recipe levers of the c-aware model, measured against the oracle yardstick.
+
+One demo-preset ``jump`` world (seed 0) is built once (or reused by path): simulate -> catalog -> fit-vae (the
+demo VAE: model arms decode latents) -> ingest -> embed -> oracle c-aware generation (N=10) -> interventional
+truth -> profile real, oracle and truth (``benchmarks.exp_world.run_world``). Then, per lever arm, in order:
+train the c-aware (``scm``) model with the arm's ``TrainConfig`` overrides on top of the ``demo`` preset,
+generate N=10 from the demo's seed namespace (``demo-N10``: the same confounder draws and noise as the oracle
+arm), profile, and evaluate {real, oracle-c-aware-N10, the arm} with the demo evaluation preset (same folds for
+every arm: the fold seed is the preset's). The best c-aware arm (mean gap closed) is also trained SCM-free.
+
+Yardstick (issue 18): ``gap closed = (arm - chance) / (oracle - chance)`` for MoA and target mAP per label
+(chance: the ``mAP-label-chance`` scoring of the same folds) and truth recovery (mean per-compound Pearson r,
+chance 0), per query split (seen / unseen compounds).
+
+A lake copied from an older demo run gets the artifact records that evaluate needs (GenerationRun, ProfileSet)
+remade on the way; generation and profiling are resumable, so nothing finished is recomputed.
+
+Also per arm: the v-prediction loss of the exported model per timestep band on a fixed subset of the training
+latents with fixed noise (the demo world holds out no batch, so the train history has no validation loss).
+
+    nice -n 19 python -m benchmarks.exp_model [--arms a b d] [--workdir benchmarks/_work/exp_model]
+        [--copy-from /tmp/demo-lake] [--out benchmarks/results/exp_model] [--deadline-min 70]
+        [--raw-bands ARM ...] [--no-scm-free]
+
+Writes ``<out>/exp_model_arms.parquet`` (one row per arm: metrics, gaps, train wall time, final losses),
+``<out>/exp_model_bands.parquet`` (loss per timestep band per arm) and ``<out>/exp_model.md``. Rows are
+appended as each arm finishes (an interrupted run keeps the finished arms); a rerun skips finished arms.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+#: Lever arms: name -> (model kind, TrainConfig overrides on the demo preset). Order = issue 18's order.
+ARMS: dict[str, dict] = {
+    "a-baseline": {},
+    "b-4x-ema-cosine": {"max_steps": 960, "ema_decay": 0.999, "lr_schedule": "cosine", "checkpoint_every": 320,
+                        "val_every": 160},
+    # b's EMA (0.999: a ~1000-step horizon) still held ~38 % of the initial weights at step 960 (0.999^960);
+    # b2 is b with an EMA whose horizon (~100 steps) fits the run
+    "b2-4x-ema0.99-cosine": {"max_steps": 960, "ema_decay": 0.99, "lr_schedule": "cosine", "checkpoint_every": 320,
+                             "val_every": 160},
+    # c needs pipelines/train.py to pass TrainConfig.snr_gamma to v_prediction_loss (see docs/train.md)
+    "d-4x-ema-cosine-cdrop0.4": {"max_steps": 960, "ema_decay": 0.999, "lr_schedule": "cosine",
+                                 "checkpoint_every": 320, "val_every": 160, "confounder_dropout": 0.4},
+}
+#: Demo steps the yardstick needs (committed in the world's lake before any arm runs).
+NEEDED = ("simulate", "catalog", "fit-vae", "ingest", "embed", "generate-oracle-c-aware-N10", "generate-truth",
+          "profile-real", "profile-oracle-c-aware-N10", "profile-truth")
+ORACLE = "oracle-c-aware-N10"
+DRAWS = 10
+#: Timestep bands of the per-band loss (DDPM steps, 1000 in all): low noise ... pure noise.
+BANDS = ((0, 100), (100, 300), (300, 600), (600, 900), (900, 1000))
+
+
+def log(msg: str, path: Path | None) -> None:
+    line = f"{time.strftime('%H:%M:%S', time.gmtime())} {msg}"
+    print(line, flush=True)
+    if path is not None:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+
+
+def ensure_world(workdir: Path, copy_from: str | None, logpath: Path | None) -> Path:
+    """The jump seed-0 world with the yardstick (built with exp_world.run_world, or copied from a demo lake)."""
+    from pipelines.storage import Lake
+
+    lake_dir = workdir / "jump-seed0"
+    if not lake_dir.exists() and copy_from:
+        log(f"copying {copy_from} -> {lake_dir}", logpath)
+        workdir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-a", copy_from, str(lake_dir)], check=True)
+    lake = Lake(str(lake_dir))
+    if not all(lake.is_committed("demo", s) for s in NEEDED):
+        from benchmarks.exp_world import run_world
+
+        log("building the world (demo VAE)", logpath)
+        run_world(workdir, "jump", 0, (DRAWS,), 20, tiny_vae=False)
+    # a lake made by an older cpldm has no artifact records, which evaluate now requires: remake them
+    from cpldm_core.design import generate_preset
+
+    gens = {ORACLE: generate_preset("demo", oracle="c-aware", draws=DRAWS, seed_namespace=f"demo-N{DRAWS}"),
+            "truth": generate_preset("demo", oracle="c-aware", draws=20, run="truth")}
+    for dataset in ("real", ORACLE, "truth"):
+        ensure_records(lake, dataset, gens.get(dataset), logpath)
+    return lake_dir
+
+
+def ensure_records(lake, dataset: str, gcfg, logpath: Path | None) -> None:
+    """Remake the GenerationRun / ProfileSet records that a lake made by an older cpldm lacks (evaluate needs
+    them); generation and profiling are resumable, so finished blocks and units are not redone."""
+    from cpldm_core.features.config import PRESETS as PROFILE_PRESETS
+    from pipelines import generate, profile
+    from storage_schemas.artifacts import ArtifactMissing
+
+    try:
+        profile.read_profile_set(lake, dataset)
+        return
+    except ArtifactMissing:
+        pass
+    if gcfg is not None:
+        log(f"re-running generate {dataset} (records)", logpath)
+        generate.run(lake, gcfg)
+    log(f"re-profiling {dataset} (no ProfileSet record)", logpath)
+    profile.run(lake, PROFILE_PRESETS["demo"], dataset=dataset)
+
+
+def train_config(arm: str, model: str):
+    from cpldm_core.diffusion import TRAIN_PRESETS
+
+    return dataclasses.replace(TRAIN_PRESETS["demo"], model=model, **ARMS[arm])
+
+
+def band_losses(lake, run: str, cfg, rows: int = 128, raw: bool = False) -> dict[str, float]:
+    """v-MSE of the exported model of ``run`` per timestep band: ``rows`` training latents (a fixed, evenly
+    spaced subset), 4 timesteps evenly spaced inside each band, fixed noise per (band, timestep). ``raw``: the
+    latest checkpoint's optimised weights instead of the export (the EMA when EMA is on)."""
+    import torch
+
+    from cpldm_core.diffusion import make_scheduler, v_prediction_loss
+    from pipelines.train import latents_rel, load_model, prepare_data, read_latent_rows
+
+    data = prepare_data(lake, cfg, run)
+    tbl = data.train
+    take = np.linspace(0, tbl.num_rows - 1, min(rows, tbl.num_rows)).round().astype(int)
+    sub = tbl.take(pa_indices(take))
+    batch = read_latent_rows({"Metadata_LatentRow": sub.column("Metadata_LatentRow").to_numpy(),
+                              "compound_idx": sub.column("compound_idx").to_numpy(),
+                              "confounders": sub.column("confounders").to_pylist()}, lake, latents_rel(data.vae_id))
+    model = load_model(lake, run)
+    if raw:
+        from pipelines.train import load_checkpoint_state
+
+        model.load_state_dict(load_checkpoint_state(lake, run)["model"])
+    sched = make_scheduler("ddpm", model.metadata["schedule"])
+    x = torch.from_numpy(batch["latents"])
+    comp = torch.from_numpy(data.pooled[batch["compound_idx"]])
+    conf = torch.from_numpy(batch["confounders"]) if model.kind == "scm" else None
+    out = {}
+    with torch.no_grad():
+        for lo, hi in BANDS:
+            losses = []
+            for k, t in enumerate(np.linspace(lo, hi - 1, 4).round().astype(int)):
+                gen = torch.Generator().manual_seed(1000 * lo + k)
+                losses.append(float(v_prediction_loss(model, x, comp, None, conf, scheduler=sched, generator=gen,
+                                                      timesteps=torch.full((len(x),), int(t)))))
+            out[f"t{lo}-{hi}"] = float(np.mean(losses))
+    return out
+
+
+def pa_indices(idx: np.ndarray):
+    import pyarrow as pa
+
+    return pa.array(idx.astype(np.int64))
+
+
+def scores(lake, eval_run: str, arm_dt: str) -> dict[str, float]:
+    """Arm / oracle / chance means over folds (mAP per label) and truth recovery, and the gaps closed."""
+    res = lake.read_named("eval_results").to_pandas()
+    res = res[res["run"] == eval_run]
+    row: dict[str, float] = {}
+    folds = res[res["fold"] >= 0]
+    for task in ("moa", "target"):
+        for split in ("seen", "unseen"):
+            g = folds[(folds["task"] == task) & (folds["query_split"] == split)]
+
+            def mean(dt, metric):
+                v = g.loc[(g["data_type"] == dt) & (g["metric"] == metric), "value"]
+                return float(v.mean()) if len(v) else float("nan")
+
+            arm, oracle = mean(arm_dt, "mAP-label"), mean(ORACLE, "mAP-label")
+            chance = mean(arm_dt, "mAP-label-chance")
+            key = f"{task}_{split}"
+            row |= {f"{key}_mAPlabel": arm, f"{key}_oracle": oracle, f"{key}_chance": chance,
+                    f"{key}_gap": (arm - chance) / (oracle - chance)}
+    truth = res[(res["metric"] == "truth-pearson-mean")]
+    for split in ("seen", "unseen"):
+        t = truth[truth["query_split"] == split]
+        arm = float(t.loc[t["data_type"] == arm_dt, "value"].mean())
+        oracle = float(t.loc[t["data_type"] == ORACLE, "value"].mean())
+        row |= {f"truth_{split}_r": arm, f"truth_{split}_oracle": oracle, f"truth_{split}_gap": arm / oracle}
+    return row
+
+
+def run_arm(lake, arm: str, model: str, logpath: Path | None) -> dict:
+    """Train, generate, profile and evaluate one arm; returns its row."""
+    from cpldm_core.design import generate_preset
+    from cpldm_core.evaluation.config import PRESETS as EVAL_PRESETS
+    from cpldm_core.features.config import PRESETS as PROFILE_PRESETS
+    from pipelines import evaluate, generate, profile, train
+
+    run = f"{'scm' if model == 'scm' else 'scmfree'}-{arm}"
+    cfg = train_config(arm, model)
+    t0 = time.time()
+    if lake.exists(f"models/{run}/summary.json"):
+        summary = lake.read_json(f"models/{run}/summary.json")
+    else:
+        summary = train.run(lake, cfg, run=run)
+    t_train = time.time() - t0
+    log(f"{run}: trained in {t_train:.0f} s (train wall {summary['wall_s']} s), final loss "
+        f"{summary['final_loss']:.4f}", logpath)
+    gcfg = generate_preset("demo", model_run=run, draws=DRAWS, seed_namespace=f"demo-N{DRAWS}",
+                           run=f"{run}-N{DRAWS}")
+    t1 = time.time()
+    generate.run(lake, gcfg)   # resumable: finished blocks are skipped
+    t_gen = time.time() - t1
+    profile.run(lake, PROFILE_PRESETS["demo"], dataset=gcfg.run_name)
+    ensure_records(lake, gcfg.run_name, gcfg, logpath)
+    t_prof = time.time() - t1 - t_gen
+    found = evaluate.discover(lake, EVAL_PRESETS["demo"])
+    arm_dt = next(dt for dt, ds in found.items() if ds == gcfg.run_name)
+    eval_run = f"exp-model-{run}"
+    t2 = time.time()
+    evaluate.run(lake, dataclasses.replace(EVAL_PRESETS["demo"], run=eval_run, data_types=("real", ORACLE, arm_dt),
+                                           report=False))
+    t_eval = time.time() - t2
+    hist = train.read_history(lake, run)
+    tr = hist.loc[hist["split"] == "train"]
+    val = hist.loc[hist["split"] == "val"]
+    row = {"arm": arm, "model": model, "run": run, "data_type": arm_dt,
+           "overrides": json.dumps(ARMS[arm], sort_keys=True), "steps": int(summary["steps"]),
+           "train_wall_s": float(summary["wall_s"]), "generate_s": t_gen, "profile_s": t_prof, "evaluate_s": t_eval,
+           "first_train_loss": float(tr["loss"].iloc[0]), "final_train_loss": float(tr["loss"].iloc[-10:].mean()),
+           "final_val_loss": float(val["loss"].iloc[-1]) if len(val) else float("nan"),
+           **scores(lake, eval_run, arm_dt)}
+    log(f"{run}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k.endswith("_gap")), logpath)
+    bands = band_losses(lake, run, cfg)
+    log(f"{run}: band losses {bands}", logpath)
+    row |= {f"loss_{k}": v for k, v in bands.items()}
+    return row
+
+
+def mean_gap(row: dict | pd.Series) -> float:
+    return float(np.mean([row[k] for k in row.keys() if str(k).endswith("_gap")]))
+
+
+def write_tables(out: Path, rows: list[dict]) -> None:
+    frame = pd.DataFrame(rows)
+    frame.to_parquet(out / "exp_model_arms.parquet")
+    gaps = [c for c in frame.columns if c.endswith("_gap")]
+    show = frame[["arm", "model", "steps", "train_wall_s", "final_train_loss", *gaps,
+                  *[c for c in frame.columns if c.startswith("loss_t")]]].copy()
+    show["mean_gap"] = frame[gaps].mean(axis=1)
+    with open(out / "exp_model.md", "w") as fh:
+        fh.write("# exp_model: training-recipe levers (demo preset, jump world seed 0, N=10)\n\n")
+        fh.write("gap = (arm - chance) / (oracle-c-aware-N10 - chance); mAP per label; truth: mean Pearson r "
+                 "(chance 0). loss_t*: v-MSE per timestep band on 128 training latents, fixed noise.\n\n")
+        fh.write("```\n" + show.round(3).to_string(index=False) + "\n```\n\n")
+        fh.write("Raw values (arm, oracle, chance):\n\n```\n"
+                 + frame.drop(columns=["overrides"]).round(4).T.to_string() + "\n```\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--workdir", default="benchmarks/_work/exp_model")
+    parser.add_argument("--copy-from", default=None, help="a finished `cpldm demo --preset demo` lake to copy")
+    parser.add_argument("--out", default="benchmarks/results/exp_model")
+    parser.add_argument("--log", default=None)
+    parser.add_argument("--deadline-min", type=float, default=70.0,
+                        help="start no arm after this many minutes (the SCM-free arm counts too)")
+    parser.add_argument("--no-scm-free", action="store_true")
+    parser.add_argument("--raw-bands", nargs="*", default=[], metavar="ARM",
+                        help="also the per-band loss of these arms' last checkpoint weights (not the EMA export)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    t_start = time.time()
+    logpath = Path(args.log) if args.log else None
+    workdir, out = Path(args.workdir), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from pipelines.storage import Lake
+
+    lake = Lake(str(ensure_world(workdir, args.copy_from, logpath)))
+    parquet = out / "exp_model_arms.parquet"
+    rows = pd.read_parquet(parquet).to_dict("records") if parquet.exists() else []
+    done = {(r["arm"], r["model"]) for r in rows}
+    for arm in args.raw_bands:
+        bands = band_losses(lake, f"scm-{arm}", train_config(arm, "scm"), raw=True)
+        log(f"scm-{arm}: band losses of the raw (non-EMA) checkpoint weights {bands}", logpath)
+        pd.DataFrame([{"arm": arm, "weights": "raw-checkpoint", **bands}]).to_parquet(out / f"raw_bands_{arm}.parquet")
+    # a 4x arm takes ~4x the baseline's time: budget from the measured per-step cost
+    for arm in args.arms:
+        if (arm, "scm") in done:
+            continue
+        if (time.time() - t_start) / 60 > args.deadline_min:
+            log(f"deadline: {arm} not started", logpath)
+            break
+        rows.append(run_arm(lake, arm, "scm", logpath))
+        write_tables(out, rows)
+    scm_rows = [r for r in rows if r["model"] == "scm"]
+    if scm_rows and not args.no_scm_free:
+        best = max(scm_rows, key=mean_gap)["arm"]
+        if (best, "scm-free") not in done and (time.time() - t_start) / 60 <= args.deadline_min:
+            log(f"best c-aware arm: {best}; training it scm-free", logpath)
+            rows.append(run_arm(lake, best, "scm-free", logpath))
+            write_tables(out, rows)
+    log(f"done in {time.time() - t_start:.0f} s", logpath)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
