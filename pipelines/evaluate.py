@@ -87,8 +87,8 @@ def synthetic_data_type(lake: Lake, gen_run: str) -> str:
     if lake.exists(rel):
         cfg = lake.read_json(rel)
         oracle, draws = _find(cfg, ("oracle",)), _find(cfg, ("draws", "n_draws"))
-        if _find(cfg, ("model_kind",)) == VAE_RECON:
-            return VAE_RECON
+        if _find(cfg, ("model_kind",)) == VAE_RECON:   # the default run is "vae-recon"; another VAE's, its own
+            return VAE_RECON if gen_run == VAE_RECON else f"{VAE_RECON}-{gen_run}"
         if oracle:
             if oracle not in ORACLE_NAMES or draws is None:
                 raise UserError(f"{lake.uri_of(rel)}: oracle {oracle!r} (one of {', '.join(ORACLE_NAMES)}) "
@@ -351,7 +351,7 @@ def evaluate_data_type(lake: Lake, cfg: EvaluateConfig, data_type: str, dataset:
 
         is_control = recipe.control_rows(meta)
         profile_rows, fallback = None, 0
-        if data_type in (REAL, HARMONY, VAE_RECON) and heldout:
+        if (data_type in (REAL, HARMONY) or data_type.startswith(VAE_RECON)) and heldout:
             profile_rows, fallback = recipe.heldout_profile_rows(meta, split, heldout, is_control)
             log.info("%s: seen compounds profiled on %d held-out batch(es); %d seen compound(s) without a "
                      "held-out well keep all their wells", data_type, len(heldout), fallback)

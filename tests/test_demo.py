@@ -3,6 +3,7 @@ their counts, and the evaluation has a row for every data type x task x split. A
 import pandas as pd
 
 from pipelines import demo
+from pipelines.evaluate import KIND_NAMES
 from pipelines.lake_commands import table_files, validate_lake
 from pipelines.storage import Lake
 
@@ -57,7 +58,7 @@ def test_tiny_demo_end_to_end(tmp_path, ray_cluster):
     guided = f"g{cfg.guidance_scale:g}"
     data_types = ({"real", "real-harmony", "real-allwells", "chemistry-nn", "vae-recon"}
                   | {f"{kind}-N{n}" for kind in ("c-aware", "non-c-aware") for n in cfg.draws}
-                  | {f"{kind}-N{n}-{guided}" for kind in ("c-aware", "non-c-aware") for n in cfg.guidance_draws}
+                  | {f"{KIND_NAMES[m]}-N{n}-{guided}" for m in cfg.guidance_models for n in cfg.guidance_draws}
                   | {f"oracle-{kind}-N{n}" for kind in ("c-aware", "scm-free") for n in cfg.oracle_draws})
     assert set(folds["data_type"]) == data_types   # the truth run is the yardstick, never a data type
     grid = folds.groupby(["data_type", "task", "query_split", "metric"]).size()
