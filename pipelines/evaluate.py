@@ -37,12 +37,11 @@ from pipelines.profile import _safe
 from pipelines.profile_import import dataset_is_imported, dataset_is_normalized
 from pipelines.storage import Lake
 from storage_schemas.artifacts import EvalRun, artifact_dir, read_record, write_record
-from storage_schemas.columns import DMSO_JCP2022, FEATURE_COLUMNS
+from storage_schemas.columns import COMPOUND, DMSO_JCP2022, FEATURE_COLUMNS
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-COMPOUND = "Metadata_JCP2022"
 REAL = "real"
 HARMONY = "real-harmony"
 #: real profiles averaged over every well, training batches included (the seen-query rule off).

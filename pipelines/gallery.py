@@ -181,7 +181,8 @@ def run(lake, config: GalleryConfig | None = None) -> dict:
     first = next(iter(runs))
     vae_id = _find_vae_id(lake, runs[first])
     cache = lake.read_json(f"latents/{vae_id}/config.json") if lake.exists(f"latents/{vae_id}/config.json") else {}
-    norm = generate.read_normalisation(lake, vae_id)
+    from pipelines.ingest import read_normalisation
+    norm = read_normalisation(lake, vae_id).to_dict()
     reader = crop_reader(lake, cache.get("config") or {}, norm)
     sites = lake.read_named("sites").to_pandas()
     images = _Images(lake)

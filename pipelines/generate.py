@@ -180,17 +180,6 @@ def vae_source(lake, model: ModelInfo, override: str | None) -> dict:
             "channel_groups": [list(map(int, g)) for g in cache.channel_groups]}
 
 
-def read_normalisation(lake, vae_id: str) -> dict:
-    rel = f"latents/{vae_id}/normalisation.json"
-    if not lake.exists(rel):
-        raise UserError(f"{lake.uri_of(rel)} is missing: generation needs the ingest normalisation statistics "
-                        "to map images back to uint16; run `cpldm ingest` first")
-    norm = lake.read_json(rel)
-    if len(norm.get("low", [])) != len(cols.CHANNELS) or len(norm.get("high", [])) != len(cols.CHANNELS):
-        raise UserError(f"{lake.uri_of(rel)}: expected 5 'low' and 5 'high' values")
-    return norm
-
-
 def local_copy(lake, rel: str) -> str:
     """A local directory holding lake directory ``rel`` (the directory itself for local lakes)."""
     if not lake.is_s3:
@@ -606,7 +595,8 @@ def plan(lake, config: GenerateConfig) -> tuple[GenerationJob, list[dict]]:
                       shared_draws=config.shared_draws, block_size=config.block_size,
                       dmso_per_draw=config.dmso_per_draw, negcon=cols.DMSO_JCP2022)
     vae = vae_source(lake, model, config.vae)
-    norm = read_normalisation(lake, vae["vae_id"])
+    from pipelines.ingest import read_normalisation
+    norm = read_normalisation(lake, vae["vae_id"]).to_dict()
     job = GenerationJob(gen_run=config.run_name, spec=spec, model=model, encoder=encoder,
                         vae_location=vae["location"], vae_subfolder=vae["subfolder"], vae_id=vae["vae_id"],
                         channel_groups=tuple(tuple(g) for g in vae["channel_groups"]), normalisation=norm,
@@ -659,7 +649,8 @@ def plan_oracle(lake, config: GenerateConfig) -> tuple[GenerationJob, list[dict]
                       shared_draws=config.shared_draws, block_size=config.block_size,
                       dmso_per_draw=config.dmso_per_draw, negcon=cols.DMSO_JCP2022, compound_spaces=per_compound)
     vae_id = config.vae or _only_latent_cache(lake)
-    norm = read_normalisation(lake, vae_id)
+    from pipelines.ingest import read_normalisation
+    norm = read_normalisation(lake, vae_id).to_dict()
     cache = read_artifact(lake, LatentCache, vae_id)   # the oracle renders images the size of the real crops
     crop = (cache.crop_mode, int(cache.crop_size), int(cache.tile_grid))
     kind = f"oracle-{config.oracle}"

@@ -524,8 +524,16 @@ def encode_plates(ray, lake, config: im.IngestConfig, source: dict, groups, per_
 
 
 def read_normalisation(lake, vae_id: str) -> im.Normalisation:
-    """The normalisation a latent cache was made with (generation de-normalises with it)."""
-    return im.Normalisation.from_dict(lake.read_json(f"latents/{vae_id}/normalisation.json"))
+    """The normalisation a latent cache was made with (generate, vae-recon and the gallery de-normalise with it:
+    ``.to_dict()`` is what travels to their actors). One-line error when missing or not one value per channel."""
+    rel = f"latents/{vae_id}/normalisation.json"
+    if not lake.exists(rel):
+        raise UserError(f"{lake.uri_of(rel)} is missing: mapping images back to grey levels needs the ingest "
+                        "normalisation statistics; run `cpldm ingest` first")
+    norm = lake.read_json(rel)
+    if len(norm.get("low", [])) != len(c.CHANNELS) or len(norm.get("high", [])) != len(c.CHANNELS):
+        raise UserError(f"{lake.uri_of(rel)}: expected {len(c.CHANNELS)} 'low' and {len(c.CHANNELS)} 'high' values")
+    return im.Normalisation.from_dict(norm)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

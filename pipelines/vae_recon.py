@@ -168,7 +168,7 @@ def plan(lake, config: VaeReconConfig) -> tuple[ReconJob, pd.DataFrame]:
     if not source:
         raise UserError(f"{lake.uri_of(f'latents/{vae_id}/config.json')} does not record its vae_source; "
                         "rerun `cpldm ingest --force`")
-    norm = generate.read_normalisation(lake, vae_id)
+    norm = ingest.read_normalisation(lake, vae_id).to_dict()
     sites = select_sites(lake, config.sites)
     index_path = f"latents/index/vae={vae_id}"
     index = lake.read_table(index_path).to_pandas() if lake.exists(index_path) else \

@@ -12,6 +12,9 @@ SMILES = pa.field("Metadata_SMILES", pa.string())
 PERT_TYPE = pa.field("Metadata_pert_type", pa.string())                # trt | negcon | poscon | empty
 SITE_KEY = pa.field("Metadata_SiteKey", pa.string(), nullable=False)   # "<source>/<batch>/<plate>/<well>/<site>"
 
+#: The compound-id column name (``JCP2022.name``), used as a plain string by the evaluation code.
+COMPOUND = JCP2022.name
+
 #: DMSO negative control id in JUMP (metadata/README.md of jump-cellpainting/datasets).
 DMSO_JCP2022 = "JCP2022_033924"
 

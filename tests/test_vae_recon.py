@@ -15,7 +15,7 @@ import torch
 
 from cpldm_core import images as im
 from cpldm_core.autoencoder import DEFAULT_GROUPS, ChannelGroupAutoencoder
-from pipelines import generate, vae_recon
+from pipelines import generate, ingest, vae_recon
 from pipelines.storage import Lake
 from storage_schemas.columns import CHANNELS, DMSO_JCP2022
 
@@ -92,7 +92,7 @@ def test_images_equal_vae_decode_of_the_cached_or_freshly_encoded_latents(recon)
     lake, model, _, _ = recon
     manifest = generate.read_manifest(lake, "vae-recon")
     stored = generate.open_images(lake, "vae-recon")[:]
-    norm = generate.read_normalisation(lake, "tinyvae")
+    norm = ingest.read_normalisation(lake, "tinyvae").to_dict()
     from pipelines.ingest import open_latents
     cache = open_latents(lake, "tinyvae", mode="r")
     record = lake.read_json("synthetic/vae-recon/config.json")["generation"]

@@ -13,9 +13,10 @@ import logging
 import numpy as np
 import pandas as pd
 
+from storage_schemas.columns import COMPOUND
+
 log = logging.getLogger(__name__)
 
-COMPOUND = "Metadata_JCP2022"
 REFERENCE = "Metadata_Reference_Index"
 #: copairs' conventional significance level for "active" / "consistent".
 COPAIRS_THRESHOLD = 0.05

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from storage_schemas.columns import COMPOUND
+
 #: Repurposing Hub separator of several MoAs / targets in one field.
 HUB_SEPARATOR = "|"
-COMPOUND = "Metadata_JCP2022"
 EXCLUSION_COLUMNS = [COMPOUND, "task", "reason"]
 
 

@@ -26,13 +26,12 @@ from cpldm_core.evaluation.harmony import batch_silhouette, harmony_correct, sin
 from cpldm_core.evaluation.labels import LabelSet
 from cpldm_core.evaluation.normalize import robust_mad_normalize, variant_features
 from cpldm_core.evaluation.truth import compound_means, truth_recovery, truth_space_profiles
-from storage_schemas.columns import DMSO_JCP2022 as DMSO
+from storage_schemas.columns import COMPOUND, DMSO_JCP2022 as DMSO
 
 log = logging.getLogger(__name__)
 #: Warn when at least this share of compounds sits in one Harmony batch level (1.0 = fully confounded).
 HARMONY_CONFOUNDED_WARN = 1.0
 
-COMPOUND = "Metadata_JCP2022"
 
 
 def control_rows(meta: pd.DataFrame) -> np.ndarray:
