@@ -26,10 +26,10 @@ output; every row's noise comes from its own seed, so redone blocks are bit-iden
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import posixpath
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -180,18 +180,6 @@ def vae_source(lake, model: ModelInfo, override: str | None) -> dict:
             "channel_groups": [list(map(int, g)) for g in cache.channel_groups]}
 
 
-def local_copy(lake, rel: str) -> str:
-    """A local directory holding lake directory ``rel`` (the directory itself for local lakes)."""
-    if not lake.is_s3:
-        return lake.fs_path(rel)
-    target = tempfile.mkdtemp(prefix="cpldm-gen-")
-    for path in lake.ls(rel, recursive=True):
-        dest = Path(target) / posixpath.relpath(path, rel)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(lake.read_bytes(path))
-    return target
-
-
 # ---------------------------------------------------------------------------------------------- compounds
 def read_compound_file(path: str) -> list[str]:
     """JCP2022 ids from a text file (one per line), CSV/TSV or Parquet with a ``Metadata_JCP2022`` column."""
@@ -284,16 +272,18 @@ class BlockGenerator:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = ConfounderAwareDenoiser.from_pretrained(local_copy(lake, job.model.rel_dir)).to(self.device)
+        with lake.local_dir(job.model.rel_dir) as model_dir:
+            self.model = ConfounderAwareDenoiser.from_pretrained(model_dir).to(self.device)
         self.vocab = ConfounderVocab.from_dict(job.model.vocab)
         schedule = self.model.metadata.get("schedule")
         self.scheduler = make_scheduler(job.sampler, schedule)
-        vae_path = (local_copy(lake, job.vae_location[len("lake:"):]) if job.vae_location.startswith("lake:")
-                    else job.vae_location)
         from pipelines.ingest import HUB_ID   # only an explicit hub id may download (vae_source)
-        self.autoencoder = ChannelGroupAutoencoder.from_pretrained(
-            vae_path, subfolder=job.vae_subfolder, groups=tuple(tuple(g) for g in job.channel_groups),
-            local_files_only=not HUB_ID.fullmatch(job.vae_location))
+        in_lake = job.vae_location.startswith("lake:")
+        with (lake.local_dir(job.vae_location[len("lake:"):]) if in_lake
+              else contextlib.nullcontext(job.vae_location)) as vae_path:
+            self.autoencoder = ChannelGroupAutoencoder.from_pretrained(
+                vae_path, subfolder=job.vae_subfolder, groups=tuple(tuple(g) for g in job.channel_groups),
+                local_files_only=not HUB_ID.fullmatch(job.vae_location))
         self.autoencoder.to(self.device)
         emb = load_embeddings(lake, job.encoder, ids=list(job.spec.compounds))
         self.compound_row = {c: i for i, c in enumerate(emb.ids)}

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import replace
 
@@ -137,15 +136,8 @@ def load_autoencoder(lake, source: dict, groups):
     if source["kind"] != "lake":
         return ChannelGroupAutoencoder.from_pretrained(source["path"], subfolder=source["subfolder"], groups=groups,
                                                        local_files_only=source["kind"] == "local")
-    if not lake.is_s3:
-        return ChannelGroupAutoencoder.from_pretrained(lake.fs_path(source["path"]), groups=groups,
-                                                       local_files_only=True)
-    with tempfile.TemporaryDirectory(prefix="cpldm-vae-") as tmp:
-        for name in VAE_WEIGHT_FILES:
-            if lake.exists(f"{source['path']}/{name}"):
-                with open(os.path.join(tmp, name), "wb") as fh:
-                    fh.write(lake.read_bytes(f"{source['path']}/{name}"))
-        return ChannelGroupAutoencoder.from_pretrained(tmp, groups=groups, local_files_only=True)
+    with lake.local_dir(source["path"]) as path:
+        return ChannelGroupAutoencoder.from_pretrained(path, groups=groups, local_files_only=True)
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -10,6 +10,7 @@ atomic create-if-absent claim, so concurrent runs of a stage split its units (se
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -17,11 +18,13 @@ import os
 import posixpath
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -121,6 +124,21 @@ class Lake:
         """Path as the filesystems want it (no ``s3://`` scheme)."""
         full = self.uri_of(rel)
         return full[len("s3://"):] if full.startswith("s3://") else full
+
+    @contextlib.contextmanager
+    def local_dir(self, rel: str) -> Iterator[str]:
+        """A local directory holding lake directory ``rel`` while the block runs, for loaders that need a path
+        (``from_pretrained``): the directory itself on a local lake; on S3 a temporary copy, removed afterwards
+        (load what you need inside the block)."""
+        if not self.is_s3:
+            yield self.fs_path(rel)
+            return
+        with tempfile.TemporaryDirectory(prefix="cpldm-lake-") as tmp:
+            for path in self.ls(rel, recursive=True):
+                dest = Path(tmp) / posixpath.relpath(path, rel)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(self.read_bytes(path))
+            yield tmp
 
     def exists(self, rel: str) -> bool:
         if self.is_s3:

@@ -87,3 +87,18 @@ def test_init_creates_bucket_when_asked(s3_endpoint):
     lake = Lake("s3://fresh-bucket-x/lake", endpoint_url=s3_endpoint)
     info = lake.init(create_bucket=True)
     assert info["schema_version"] == "1" and lake.exists("_lake.json")
+
+
+def test_local_dir_gives_the_files_and_leaves_no_copy_behind(lake):
+    """Loaders that need a path (from_pretrained) read a lake directory through ``local_dir``: the same bytes,
+    nested paths kept; on S3 the temporary copy is gone after the block (generate used to leak one per actor)."""
+    import os
+
+    files = {"config.json": b'{"a": 1}', "sub/weights.bin": bytes(range(256)) * 4}
+    for name, data in files.items():
+        lake.write_bytes(f"models/m/{name}", data)
+    with lake.local_dir("models/m") as path:
+        seen = {os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/"): open(os.path.join(d, f), "rb").read()
+                for d, _, names in os.walk(path) for f in names}
+    assert seen == files
+    assert os.path.isdir(path) != lake.is_s3        # local: the lake's own directory; S3: removed
