@@ -181,12 +181,16 @@ def watch(driver_pid: int, token: str) -> int:
         else:
             time.sleep(WATCH_INTERVAL_S)
     deadline = time.monotonic() + WATCH_SWEEP_S
-    while True:  # sweep again until one finds nothing: a process may start while the last one is stopped
+    empty_passes = 0
+    while True:
+        # sweep until two passes a second apart find nothing: a raylet stopped after its agents may start a new
+        # agent in between (an agent once outlived a single empty pass)
         owned = tuple(owned_processes(token))
         left = stop_processes(session, grace_s=WATCH_GRACE_S, extra=owned)
-        if not owned or time.monotonic() > deadline:
+        empty_passes = 0 if owned else empty_passes + 1
+        if empty_passes >= 2 or time.monotonic() > deadline:
             return left
-        time.sleep(WATCH_INTERVAL_S)
+        time.sleep(1.0 if not owned else WATCH_INTERVAL_S)
 
 
 if __name__ == "__main__":

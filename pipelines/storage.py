@@ -329,7 +329,7 @@ class Lake:
                 continue  # released (or half-written by a killed owner) just now: try again
             if (held.get("host"), held.get("pid")) == (owner["host"], owner["pid"]):
                 return True
-            dead = held.get("host") == owner["host"] and not _pid_alive(int(held.get("pid", 0)))
+            dead = held.get("host") == owner["host"] and not pid_alive(int(held.get("pid", 0)))
             if not dead and time.time() - float(held.get("time", 0)) < stale_seconds:
                 return False
             self.delete(rel)  # abandoned: remove it and race the other takers for a fresh create
@@ -433,7 +433,8 @@ class Lake:
         return info
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's counts; a zombie does not)."""
     if pid <= 0:
         return False
     try:
@@ -442,7 +443,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # exists, owned by another user
-    return True
+    # a zombie still answers kill(0): it is gone for every purpose here (its claims, its cluster)
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:   # no /proc (macOS) or gone meanwhile
+        return True
 
 
 def s3_filesystem(endpoint_url: str | None, asynchronous: bool = False):
