@@ -31,29 +31,46 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def write_raw_lake(lake, n_sites: int, px: int, plates: int = 2) -> None:
-    """JUMP raw layout: ``plates`` plates, 1 site per well, LZW uint16 TIFFs, metadata for the catalog."""
+def write_raw_lake(lake, n_sites: int, px: int, plates: int | None = 2, distinct: int | None = None) -> None:
+    """JUMP raw layout: ``plates`` plates (None: 384-well plates, as many as needed), 1 site per well, LZW
+    uint16 TIFFs, metadata for the catalog. ``distinct``: only that many distinct sites are rendered; site i
+    reuses site ``i % distinct``'s bytes (hard-linked on a local lake: 5,000 sites cost no disk), so a scale
+    run's input is written in seconds; the readers still open and decode every file."""
     import tifffile
 
     rng = np.random.default_rng(0)
+    plates = plates or -(-n_sites // 384)
     per = -(-n_sites // plates)
-    wells, rows = [], []
+    if per > 384:
+        raise ValueError(f"{per} sites per plate: a 384-well plate holds 384 (pass more plates)")
+    distinct = distinct or n_sites
+    first_of: dict[int, list[str]] = {}   # distinct site -> its 5 lake paths
+    wells, rows, k = [], [], 0
     for p in range(plates):
         plate, batch = f"BENCH{p:02d}", f"batch_{p}"
         rows = []
-        for i in range(per):
+        for i in range(min(per, n_sites - k)):
             well = f"{chr(65 + i // 24)}{i % 24 + 1:02d}"
             urls = {}
             for j, ch in enumerate(CHANNELS):
-                buf = io.BytesIO()
-                tifffile.imwrite(buf, rng.poisson(500 * (j + 1), (px, px)).astype(np.uint16), compression="lzw")
                 rel = (f"raw/source_1/images/{batch}/images/{plate}/Images/"
                        f"r{i // 24 + 1:02d}c{i % 24 + 1:02d}f01p01-ch{j + 1}sk1fk1fl1.tiff")
-                lake.write_bytes(rel, buf.getvalue())
+                if k < distinct:
+                    buf = io.BytesIO()
+                    tifffile.imwrite(buf, rng.poisson(500 * (j + 1), (px, px)).astype(np.uint16), compression="lzw")
+                    lake.write_bytes(rel, buf.getvalue())
+                    first_of.setdefault(k, []).append(rel)
+                elif not lake.is_s3:
+                    target = lake.fs_path(rel)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    os.link(lake.fs_path(first_of[k % distinct][j]), target)
+                else:
+                    lake.write_bytes(rel, lake.read_bytes(first_of[k % distinct][j]))
                 urls[f"URL_Orig{ch}"] = lake.uri_of(rel)
             rows.append({**urls, "Metadata_Source": "source_1", "Metadata_Batch": batch, "Metadata_Plate": plate,
                          "Metadata_Well": well, "Metadata_Site": "1"})
             wells.append(("source_1", plate, well, "JCP2022_033924" if i % 4 == 0 else f"JCP2022_{i % 7 + 1:06d}"))
+            k += 1
         lake.write_bytes(f"raw/source_1/workspace/load_data_csv/{batch}/{plate}/load_data.csv",
                          pd.DataFrame(rows).to_csv(index=False).encode())
 

@@ -1,7 +1,7 @@
 """Profile stage benchmarks: seconds per real 1080x1080 five-channel site per core, cp_measure's cost per feature
 group next to the vectorised default set, small-image cost, and sites/s through Ray with 1 and 2 workers.
 
-    python -m benchmarks.bench_profile [--quick]
+    python -m benchmarks.bench_profile [--quick] [--only cellprofiler_set ...]
 
 The real site is /work/shared/data/images/pediatric_cancer_atlas_BR00143976_C03_site3 (Opera Phenix, 1080x1080,
 channels ch5 DNA, ch2 ER, ch6 RNA, ch3 AGP, ch4 Mito); benchmarks needing it are skipped when it is absent.
@@ -41,9 +41,10 @@ def _row(benchmark, metric, value, unit, notes=""):
             "peak_mem_mb": round(_peak_mb(), 1), "notes": notes}
 
 
-def _cpu_time(fn, repeats: int = 1) -> float:
+def _cpu_time(fn, repeats: int = 1, warmup: bool = True) -> float:
     """Process CPU seconds per call (robust on a shared machine, unlike wall time)."""
-    fn()  # warm-up: imports, numba/mahotas first calls
+    if warmup:
+        fn()  # imports, numba/mahotas first calls
     start = time.process_time()
     for _ in range(repeats):
         fn()
@@ -124,6 +125,93 @@ def bench_cp_measure_groups(quick: bool) -> list[dict]:
     return rows
 
 
+#: The JUMP pilot site (U2OS, 1080x1080) of the shared images: ~180 cells with the JUMP preset, as a typical JUMP
+#: compound site; only ch2 AGP, ch3 RNA and ch5 DNA are in the shared copy.
+PILOT_SITE = SHARED / "cpg0000_jump_pilot_BR00117006_A01_site1"
+PILOT_CHANNEL_NUMBERS = {"AGP": 2, "RNA": 3, "DNA": 5}
+#: Planes standing in for the pilot site's absent channels (same cost per pixel; values are not meaningful).
+PILOT_STAND_INS = {"ER": "RNA", "Mito": "AGP"}
+
+
+def load_pilot_site() -> np.ndarray:
+    """(5, 1080, 1080) uint16 in CHANNELS order; ER and Mito repeat the RNA and AGP planes (absent here)."""
+    import tifffile
+    planes = {ch: tifffile.imread(PILOT_SITE / f"r01c01f01p01-ch{n}sk1fk1fl1.tiff")
+              for ch, n in PILOT_CHANNEL_NUMBERS.items()}
+    return np.stack([planes[PILOT_STAND_INS.get(ch, ch)] for ch in CHANNELS]).astype(np.uint16)
+
+
+def _cp_measure_site_cost(image, compartments) -> dict[str, float]:
+    """cp_measure CPU-s per site and group: each per-channel group timed on one channel in every compartment
+    (x number of channels), each correlation on one pair (x the pairs featurize measures: 20 ordered pairs for
+    Pearson, 10 for the symmetric ones). Costes (not in the full set by default) is left out."""
+    from cp_measure.bulk import get_core_measurements, get_correlation_measurements
+
+    n_ch = len(CHANNELS)
+    pairs = {"pearson": n_ch * (n_ch - 1), "manders_fold": n_ch * (n_ch - 1) // 2, "rwc": n_ch * (n_ch - 1) // 2}
+    cost = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, fn in get_core_measurements().items():
+            per = 1 if name in ("sizeshape", "zernike", "feret") else n_ch
+            cost[name] = per * sum(_cpu_time(lambda: fn(labels, image[0]), warmup=False)
+                                   for labels in compartments.values())
+        for name, fn in get_correlation_measurements().items():
+            if name in pairs:
+                cost[name] = pairs[name] * sum(
+                    _cpu_time(lambda: fn(pixels_1=image[0], pixels_2=image[2], masks=labels), warmup=False)
+                    for labels in compartments.values())
+    return cost
+
+
+def bench_cellprofiler_set(quick: bool) -> list[dict]:
+    """The `cellprofiler` feature set per group on real 1080 px sites (38 and ~180 cells), CPU-s per site with one
+    thread, next to cp_measure's per-group cost and CellProfiler's ~8 CPU-s."""
+    from cpldm_core.features.config import CELLPROFILER
+
+    sites = [("real_site_1080", REAL_SITE, load_real_site), ("pilot_site_1080", PILOT_SITE, load_pilot_site)]
+    rows = []
+    # warm-up on a crop: imports (centrosome) and first calls, so the per-group figures are steady-state
+    crop = to_float(load_real_site()[:, :160, :160]) if REAL_SITE.exists() else None
+    if crop is not None:
+        seg = segment(crop, JUMP.segmentation)
+        measure.cellprofiler_features(crop, seg.compartments(), CHANNELS, np.unique(seg.nuclei)[1:])
+    for bench, path, load in sites:
+        if not path.exists():
+            rows.append(_row(bench, "skipped", float("nan"), "", f"{path} absent"))
+            continue
+        raw = load()
+        image = to_float(raw)
+        seg = segment(image, CELLPROFILER.segmentation)
+        ids = np.unique(seg.nuclei)[1:]
+        comps = seg.compartments()
+        note = f"{len(ids)} cells, 5 channels x 3 compartments, 1 thread"
+        rows.append(_row(bench, "cells", len(ids), "cells", "JUMP preset segmentation"
+                         + ("; ER/Mito = RNA/AGP planes" if path == PILOT_SITE else "")))
+        total = n_total = 0
+        for group in measure.CELLPROFILER_GROUPS:
+            start = time.process_time()
+            got = measure.cellprofiler_features(image, comps, CHANNELS, ids, groups=(group,))
+            t = time.process_time() - start
+            total, n_total = total + t, n_total + len(got)
+            rows.append(_row(bench, f"cellprofiler_{group}_cpu_s", t, "CPU-s/site", f"{len(got)} features; {note}"))
+        rows.append(_row(bench, "cellprofiler_features", n_total, "features", "per cell"))
+        rows.append(_row(bench, "cellprofiler_measure_cpu_s", total, "CPU-s/site", f"sum of the groups; {note}"))
+        t_site = _cpu_time(lambda: profile_site(raw, CELLPROFILER), warmup=False)
+        rows.append(_row(bench, "cellprofiler_profile_site_cpu_s", t_site, "CPU-s/site",
+                         f"segment + cellprofiler set + QC; CellProfiler ~{CELLPROFILER_CPU_S_PER_SITE} CPU-s"))
+        rows.append(_row(bench, "cellprofiler_vs_cellprofiler_cost", t_site / CELLPROFILER_CPU_S_PER_SITE, "x",
+                         "> 1: slower than CellProfiler"))
+        if quick or path != PILOT_SITE:
+            continue
+        cost = _cp_measure_site_cost(image, comps)
+        for name, t in cost.items():
+            rows.append(_row(bench, f"cp_measure_{name}_cpu_s", t, "CPU-s/site", f"one channel/pair x count; {note}"))
+        rows.append(_row(bench, "cp_measure_full_cpu_s", sum(cost.values()), "CPU-s/site",
+                         f"full set without Costes (~2,955 features); {note}"))
+    return rows
+
+
 def bench_small_images(quick: bool) -> list[dict]:
     """Default set on demo-size (160 px) simulated-like sites: the demo's per-image cost."""
     from cpldm_core.features.toy_sites import toy_site as simulated_site
@@ -180,9 +268,15 @@ def bench_ray(quick: bool) -> list[dict]:
     return rows
 
 
-def run(quick: bool) -> list[dict]:
+BENCHES = {"small_images": bench_small_images, "real_site": bench_real_site,
+           "cp_measure_groups": bench_cp_measure_groups, "cellprofiler_set": bench_cellprofiler_set,
+           "ray": bench_ray}
+
+
+def run(quick: bool, only: list[str] | None = None) -> list[dict]:
+    """Every benchmark group, or those named in ``only`` (keys of :data:`BENCHES`; harness option)."""
     rows = []
-    for bench in (bench_small_images, bench_real_site, bench_cp_measure_groups, bench_ray):
+    for bench in (BENCHES[name] for name in (only or BENCHES)):
         try:
             got = bench(quick)
         except Exception as exc:  # e.g. Ray failing to start on an overloaded machine: keep the other figures
@@ -203,4 +297,7 @@ def _markdown(rows: list[dict]) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    run(parser.parse_args().quick)  # prints one markdown table per benchmark group as it finishes
+    parser.add_argument("--only", choices=tuple(BENCHES), action="append",
+                        help="run only this benchmark group (repeatable); cellprofiler_set: ~3 min of one core")
+    args = parser.parse_args()
+    run(args.quick, args.only)  # prints one markdown table per benchmark group as it finishes

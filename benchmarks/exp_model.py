@@ -20,7 +20,7 @@ latents with fixed noise (the demo world holds out no batch, so the train histor
 
     nice -n 19 python -m benchmarks.exp_model [--arms a b d] [--workdir benchmarks/_work/exp_model]
         [--copy-from /tmp/demo-lake] [--out benchmarks/results/exp_model] [--deadline-min 70]
-        [--raw-bands ARM ...] [--no-scm-free]
+        [--raw-bands ARM ...] [--no-scm-free] [--scm-free-arms ARM ...] [--vae-id ID]
 
 Writes ``<out>/exp_model_arms.parquet`` (one row per arm: metrics, gaps, train wall time, final losses),
 ``<out>/exp_model_bands.parquet`` (loss per timestep band per arm) and ``<out>/exp_model.md``. Rows are
@@ -113,10 +113,19 @@ def ensure_records(lake, dataset: str, gcfg, logpath: Path | None) -> None:
     profile.run(lake, PROFILE_PRESETS["demo"], dataset=dataset)
 
 
+#: Latent cache (VAE) the arms train on; "" = the lake's only one. Set by ``--vae-id``.
+VAE_ID = ""
+
+
 def train_config(arm: str, model: str):
     from cpldm_core.diffusion import TRAIN_PRESETS
 
-    return dataclasses.replace(TRAIN_PRESETS["demo"], model=model, **ARMS[arm])
+    return dataclasses.replace(TRAIN_PRESETS["demo"], model=model, vae_id=VAE_ID, **ARMS[arm])
+
+
+def run_name(arm: str, model: str) -> str:
+    """models/<run>: ``scm-<arm>`` / ``scmfree-<arm>``, with ``-<vae id>`` when ``--vae-id`` is given."""
+    return f"{'scm' if model == 'scm' else 'scmfree'}{'-' + VAE_ID if VAE_ID else ''}-{arm}"
 
 
 def band_losses(lake, run: str, cfg, rows: int = 128, raw: bool = False) -> dict[str, float]:
@@ -197,7 +206,7 @@ def run_arm(lake, arm: str, model: str, logpath: Path | None) -> dict:
     from cpldm_core.features.config import PRESETS as PROFILE_PRESETS
     from pipelines import evaluate, generate, profile, train
 
-    run = f"{'scm' if model == 'scm' else 'scmfree'}-{arm}"
+    run = run_name(arm, model)
     cfg = train_config(arm, model)
     t0 = time.time()
     if lake.exists(f"models/{run}/summary.json"):
@@ -250,7 +259,8 @@ def write_tables(out: Path, rows: list[dict]) -> None:
                   *[c for c in frame.columns if c.startswith("loss_t")]]].copy()
     show["mean_gap"] = frame[gaps].mean(axis=1)
     with open(out / "exp_model.md", "w") as fh:
-        fh.write("# exp_model: training-recipe levers (demo preset, jump world seed 0, N=10)\n\n")
+        fh.write("# exp_model: training-recipe levers (demo preset, jump world seed 0, N=10, latents: "
+                 f"{VAE_ID or 'the demo VAE'})\n\n")
         fh.write("gap = (arm - chance) / (oracle-c-aware-N10 - chance); mAP per label; truth: mean Pearson r "
                  "(chance 0). loss_t*: v-MSE per timestep band on 128 training latents, fixed noise.\n\n")
         fh.write("```\n" + show.round(3).to_string(index=False) + "\n```\n\n")
@@ -270,7 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-scm-free", action="store_true")
     parser.add_argument("--raw-bands", nargs="*", default=[], metavar="ARM",
                         help="also the per-band loss of these arms' last checkpoint weights (not the EMA export)")
+    parser.add_argument("--vae-id", default="",
+                        help="train every arm on latents/<id> (a lake with several caches, e.g. exp_vae_fit.sh's)")
+    parser.add_argument("--scm-free-arms", nargs="*", default=None, metavar="ARM",
+                        help="train these arms SCM-free too (default: the best c-aware arm only)")
     args = parser.parse_args(argv)
+    global VAE_ID
+    VAE_ID = args.vae_id
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     t_start = time.time()
     logpath = Path(args.log) if args.log else None
@@ -283,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = pd.read_parquet(parquet).to_dict("records") if parquet.exists() else []
     done = {(r["arm"], r["model"]) for r in rows}
     for arm in args.raw_bands:
-        bands = band_losses(lake, f"scm-{arm}", train_config(arm, "scm"), raw=True)
-        log(f"scm-{arm}: band losses of the raw (non-EMA) checkpoint weights {bands}", logpath)
+        bands = band_losses(lake, run_name(arm, "scm"), train_config(arm, "scm"), raw=True)
+        log(f"{run_name(arm, 'scm')}: band losses of the raw (non-EMA) checkpoint weights {bands}", logpath)
         pd.DataFrame([{"arm": arm, "weights": "raw-checkpoint", **bands}]).to_parquet(out / f"raw_bands_{arm}.parquet")
     # a 4x arm takes ~4x the baseline's time: budget from the measured per-step cost
     for arm in args.arms:
@@ -297,11 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         write_tables(out, rows)
     scm_rows = [r for r in rows if r["model"] == "scm"]
     if scm_rows and not args.no_scm_free:
-        best = max(scm_rows, key=mean_gap)["arm"]
-        if (best, "scm-free") not in done and (time.time() - t_start) / 60 <= args.deadline_min:
-            log(f"best c-aware arm: {best}; training it scm-free", logpath)
-            rows.append(run_arm(lake, best, "scm-free", logpath))
-            write_tables(out, rows)
+        free_arms = args.scm_free_arms
+        if free_arms is None:
+            free_arms = [max(scm_rows, key=mean_gap)["arm"]]
+            log(f"best c-aware arm: {free_arms[0]}; training it scm-free", logpath)
+        for arm in free_arms:
+            if (arm, "scm-free") not in done and (time.time() - t_start) / 60 <= args.deadline_min:
+                rows.append(run_arm(lake, arm, "scm-free", logpath))
+                write_tables(out, rows)
     log(f"done in {time.time() - t_start:.0f} s", logpath)
     return 0
 

@@ -252,6 +252,10 @@ def _as_flops(value: float, unit: str) -> float | None:
 
 
 # ---------------------------------------------------------------- running
+#: Modules run only when named (``--only scale``): their full size takes hours on 2 cores.
+OPT_IN = ("scale",)
+
+
 def discover(bench_dir: Path = BENCH_DIR) -> list[str]:
     """Names of the benchmark modules present: ``bench_<name>.py`` -> ``<name>``, in RESULTS.md order."""
     names = [p.stem[len("bench_"):] for p in bench_dir.glob("bench_*.py")]
@@ -361,7 +365,7 @@ def run_benchmarks(names: Iterable[str] | None = None, *, quick: bool = False,
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     available = discover(bench_dir)
-    names = list(names) if names else available
+    names = list(names) if names else [n for n in available if n not in OPT_IN]
     unknown = [n for n in names if n not in available]
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(available)}")

@@ -465,25 +465,32 @@ def check_run_config(lake, job: GenerationJob, config: GenerateConfig) -> dict:
     if job.oracle:
         record["crop"] = list(job.crop)
     planned = generation_record(lake, job, config)
-    if lake.exists(f"{run_dir(job.gen_run)}/_artifact.json"):
-        # one rule: the science fingerprint (settings, design, model card, latent cache) must match to resume
-        stored = read_record(lake, run_dir(job.gen_run), GenerationRun, job.gen_run)
+    write_or_refuse_run(lake, job.gen_run, config, record, planned,
+                        keys=("model_run", "design_fingerprint", "sampler", "steps", "guidance_scale", "image_shape",
+                              "vae", "oracle"))
+    return record
+
+
+def write_or_refuse_run(lake, gen_run: str, config, record: dict, planned: GenerationRun,
+                        keys: tuple[str, ...]) -> None:
+    """The resume rule of a ``synthetic/<run>/`` directory (generate and vae-recon): refuse, in one line naming
+    the fields, when its stored GenerationRun's science fingerprint differs from ``planned`` or its
+    ``config.json`` differs from ``record`` on ``keys`` (the config check covers a run that predates the
+    record); else write both."""
+    changed: list[str] = []
+    if lake.exists(f"{run_dir(gen_run)}/_artifact.json"):
+        stored = read_record(lake, run_dir(gen_run), GenerationRun, gen_run)
         if stored.fingerprint != planned.fingerprint:
-            raise UserError(f"generation run '{job.gen_run}' already exists in {lake.uri} with different "
-                            f"{', '.join(planned.changed_fields(stored))}; choose another --run, or delete "
-                            f"{lake.uri_of(run_dir(job.gen_run))}")
-    rel = f"{run_dir(job.gen_run)}/config.json"
+            changed += planned.changed_fields(stored)
+    rel = f"{run_dir(gen_run)}/config.json"
     if lake.exists(rel):
         old = lake.read_json(rel).get("generation", {})
-        keys = ("model_run", "design_fingerprint", "sampler", "steps", "guidance_scale", "image_shape", "vae",
-                "oracle")
-        changed = [k for k in keys if old.get(k) != record[k]]
-        if changed:
-            raise UserError(f"generation run '{job.gen_run}' already exists in {lake.uri} with different "
-                            f"{', '.join(changed)}; choose another --run, or delete {lake.uri_of(run_dir(job.gen_run))}")
-    lake.write_config(run_dir(job.gen_run), config, extra={"generation": record})
-    write_record(lake, run_dir(job.gen_run), planned)
-    return record
+        changed += [k for k in keys if old.get(k) != record[k] and k not in changed]
+    if changed:
+        raise UserError(f"generation run '{gen_run}' already exists in {lake.uri} with different "
+                        f"{', '.join(changed)}; choose another --run, or delete {lake.uri_of(run_dir(gen_run))}")
+    lake.write_config(run_dir(gen_run), config, extra={"generation": record})
+    write_record(lake, run_dir(gen_run), planned)
 
 
 #: GenerateConfig fields that only choose resources or output formats: a run may resume with others.

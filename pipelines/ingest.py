@@ -511,6 +511,8 @@ def encode_plates(ray, lake, config: im.IngestConfig, source: dict, groups, per_
         for row in ds.iter_rows():
             log.info("ingest %s: plate %s: %d sites, %d crops, %d rejected", vae_id, row["unit"], row["sites"],
                      row["crops"], row["rejected"])
+        # where the time went, per operator (read, encode, shuffle, write): shown with --verbose
+        log.info("ingest %s: Ray Data stats\n%s", vae_id, ds.stats())
     finally:
         ctx.shuffle_strategy = strategy
 

@@ -430,7 +430,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--dataset", default="real", type=lake_name,
                         help="'real' (catalog sites) or a synthetic generation run")
     add_config_arguments(parser, PRESETS, ProfileConfig)
-    parser.add_argument("--feature-set", choices=("default", "full"), default=None)
+    parser.add_argument("--feature-set", choices=("default", "cellprofiler", "full"), default=None)
     parser.add_argument("--single-cell", action="store_true", help="also write features_single_cell")
     parser.add_argument("--workers", type=int, default=None, help="parallel Ray Data workers")
     parser.add_argument("--reset", action="store_true", help="forget committed units and redo the dataset")

@@ -36,7 +36,10 @@ WATCH_INTERVAL_S = 0.2
 #: Seconds the watchdog gives the cluster's processes to exit on SIGTERM before SIGKILL.
 WATCH_GRACE_S = 2.0
 #: Seconds the watchdog keeps sweeping for processes of the cluster that started while it stopped the others.
-WATCH_SWEEP_S = 10.0
+WATCH_SWEEP_S = 20.0
+#: Seconds it sweeps at least, even when it finds nothing: an agent started late by a dying raylet once
+#: appeared after two empty passes (tests/test_security.py, on a loaded 2-core machine).
+WATCH_MIN_SWEEP_S = 5.0
 #: The watchdog of this process's local cluster (its stdin pipe carries the session directory).
 _WATCHDOG: subprocess.Popen | None = None
 
@@ -170,7 +173,7 @@ def watch(driver_pid: int, token: str) -> int:
     stdin; then stop the cluster's processes. Returns how many survived SIGKILL."""
     import select
 
-    from pipelines.cluster_local import stop_processes
+    from pipelines.cluster_local import head_processes, stop_processes
 
     session, stdin_open = "", True
     while os.getppid() == driver_pid:  # a dead parent's children are re-parented: exact, immune to pid reuse
@@ -180,17 +183,19 @@ def watch(driver_pid: int, token: str) -> int:
                 session, stdin_open = line.strip(), bool(line)
         else:
             time.sleep(WATCH_INTERVAL_S)
-    deadline = time.monotonic() + WATCH_SWEEP_S
+    start = time.monotonic()
     empty_passes = 0
     while True:
-        # sweep until two passes a second apart find nothing: a raylet stopped after its agents may start a new
-        # agent in between (an agent once outlived a single empty pass)
+        # sweep until three passes a second apart find nothing (by token or by session directory), and for at
+        # least WATCH_MIN_SWEEP_S: a raylet stopped after its agents may start a new agent in between
         owned = tuple(owned_processes(token))
+        found = bool(owned) or bool(session and head_processes(session))
         left = stop_processes(session, grace_s=WATCH_GRACE_S, extra=owned)
-        empty_passes = 0 if owned else empty_passes + 1
-        if empty_passes >= 2 or time.monotonic() > deadline:
+        empty_passes = 0 if found else empty_passes + 1
+        elapsed = time.monotonic() - start
+        if (empty_passes >= 3 and elapsed >= WATCH_MIN_SWEEP_S) or elapsed > WATCH_SWEEP_S:
             return left
-        time.sleep(1.0 if not owned else WATCH_INTERVAL_S)
+        time.sleep(1.0 if not found else WATCH_INTERVAL_S)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,7 @@ import pandas as pd
 
 from cpldm_core.configuration import bounds, check_name
 from cpldm_core.errors import UserError
-from storage_schemas.artifacts import (GenerationRun, InputRef, LatentCache, fingerprint_of, read_artifact,
-                                        read_record, write_record)
+from storage_schemas.artifacts import GenerationRun, InputRef, LatentCache, fingerprint_of, read_artifact
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ def plan(lake, config: VaeReconConfig) -> tuple[ReconJob, pd.DataFrame]:
 
 def check_run_config(lake, job: ReconJob, config: VaeReconConfig, plates: pd.DataFrame) -> dict:
     """Write ``synthetic/<run>/config.json`` or refuse to resume a run made from other sites or another cache."""
-    from pipelines.generate import run_dir
+    from pipelines.generate import write_or_refuse_run
 
     rows = job.rows
     record = {"run": config.run, "model_run": job.gen.model.model_run, "model_kind": KIND, "vae_recon": True,
@@ -205,20 +204,8 @@ def check_run_config(lake, job: ReconJob, config: VaeReconConfig, plates: pd.Dat
               "rows_fingerprint": fingerprint_of(rows[["Metadata_SiteKey", "Metadata_Crop", "Metadata_Seed"]]
                                                   .astype(str).to_numpy().tolist())}
     planned = generation_record(lake, job, config, record)
-    rel = f"{run_dir(config.run)}/config.json"
-    if lake.exists(rel):
-        old = lake.read_json(rel).get("generation", {})
-        changed = [k for k in ("model_kind", "vae_id", "rows_fingerprint", "block_size", "image_shape")
-                   if old.get(k) != record[k]]
-        if lake.exists(f"{run_dir(config.run)}/_artifact.json"):
-            stored = read_record(lake, run_dir(config.run), GenerationRun, config.run)
-            if stored.fingerprint != planned.fingerprint:
-                changed += [k for k in planned.changed_fields(stored) if k not in changed]
-        if changed:
-            raise UserError(f"run '{config.run}' already exists in {lake.uri} with different {', '.join(changed)}; "
-                            f"choose another --run, or delete {lake.uri_of(run_dir(config.run))}")
-    lake.write_config(run_dir(config.run), config, extra={"generation": record})
-    write_record(lake, run_dir(config.run), planned)
+    write_or_refuse_run(lake, config.run, config, record, planned,
+                        keys=("model_kind", "vae_id", "rows_fingerprint", "block_size", "image_shape"))
     return record
 
 

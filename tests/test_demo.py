@@ -80,3 +80,51 @@ def test_tiny_demo_end_to_end(tmp_path, ray_cluster):
     # a rerun skips every committed step and does no work
     again = demo.run(lake, demo.DEMO_PRESETS["tiny"], echo=lambda _: None)
     assert all(r["skipped"] for r in again["steps"])
+
+
+def test_demo_overrides_reach_the_vae_fit_and_both_trainings(monkeypatch):
+    """``fit_vae_set`` / ``train_set`` (the ``science`` preset's levers) change what the stages receive, on
+    top of the stage presets; a bad key fails when the steps are built, naming the key."""
+    import pytest
+
+    from cpldm_core.autoencoder import FIT_VAE_PRESETS
+    from cpldm_core.diffusion import TRAIN_PRESETS
+    from cpldm_core.errors import UserError
+    from pipelines import fit_vae, train
+
+    seen = []
+    monkeypatch.setattr(fit_vae, "run", lambda lake, cfg: seen.append(("fit-vae", cfg)) or {})
+    monkeypatch.setattr(train, "run", lambda lake, cfg, run: seen.append((run, cfg)) or {})
+    steps = dict(demo._steps(demo.DEMO_PRESETS["science"]))
+    for name in ("fit-vae", "train-scm", "train-scm-free"):
+        steps[name](None)
+    got = dict(seen)
+    assert got["fit-vae"].steps == 3000 and got["fit-vae"].crop_size == FIT_VAE_PRESETS["demo"].crop_size
+    for model in ("scm", "scm-free"):
+        cfg = got[model]
+        assert (cfg.model, cfg.max_steps, cfg.ema_decay, cfg.lr_schedule) == (model, 960, 0.99, "cosine")
+        assert cfg.lr == TRAIN_PRESETS["demo"].lr and cfg.unet_preset == TRAIN_PRESETS["demo"].unet_preset
+    # the demo preset itself is the stage presets, untouched
+    seen.clear()
+    steps = dict(demo._steps(demo.DEMO_PRESETS["demo"]))
+    steps["train-scm"](None)
+    assert seen[0][1].max_steps == TRAIN_PRESETS["demo"].max_steps
+    with pytest.raises(UserError, match="max_stepz"):
+        demo._steps(demo.DemoConfig(train_set=("max_stepz=5",)))
+
+
+def test_demo_refuses_a_lake_demoed_with_other_settings(tmp_path):
+    """Steps are skipped by name, so `demo --preset science` on a lake made by `--preset demo` would keep the old
+    VAE and models while claiming the new recipe: refused in one line naming the fields (before any Ray work)."""
+    import pytest
+
+    from cpldm_core.errors import UserError
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.init()
+    lake.write_config("demo", demo.DEMO_PRESETS["demo"])
+    lake.commit_unit(demo.DEMO_STAGE, "simulate", {"seconds": 1.0})
+    with pytest.raises(UserError, match=r"other fit_vae_set, train_set; use a fresh --lake"):
+        demo.run(lake, demo.DEMO_PRESETS["science"], echo=lambda line: None)
+    # the lake still says what made it
+    assert lake.read_json("demo/config.json")["config"]["train_set"] == []

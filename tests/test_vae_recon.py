@@ -163,3 +163,18 @@ def test_profiled_and_evaluated_as_the_vae_recon_data_type(recon):
     assert "seen-compounds-without-heldout-wells" in set(mine["metric"])
     # the report links the gallery written before it (test above)
     assert "gallery/conditions.png" in lake.read_bytes("eval/vr/report.html").decode()
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them(recon):
+    """The run directory's resume rule (`generate.write_or_refuse_run`, shared with `cpldm generate`): another
+    block size would mix two layouts of the same image rows; refused in one line naming the field, the run's
+    config and record untouched."""
+    from cpldm_core.errors import UserError
+    from pipelines.generate import run_dir
+
+    lake = recon[0]
+    cfg = replace(vae_recon.PRESETS["tiny"], block_size=4, batch_size=3, actors=0)
+    before = lake.read_bytes(f"{run_dir(cfg.run)}/_artifact.json")
+    with pytest.raises(UserError, match=r"already exists .* with different .*block_size"):
+        vae_recon.run(lake, replace(cfg, block_size=5))
+    assert lake.read_bytes(f"{run_dir(cfg.run)}/_artifact.json") == before

@@ -82,15 +82,18 @@ class FeatureConfig:
     """Which features are measured.
 
     Attributes:
-        feature_set: "default" (vectorised, ~tens of ms per small image) or "full" (cp_measure: every
-            group except Costes; seconds per image).
+        feature_set: "default" (vectorised, 354 features, ~tens of ms per small image), "cellprofiler"
+            (vectorised CellProfiler-comparable set, JUMP's modules plus cp_measure's radial Zernikes: 3,024
+            features for 5 channels; texture_scale/texture_directions/full_costes do not apply,
+            ``measure.cellprofiler_features``; equal to cp_measure's values) or "full" (cp_measure: every
+            group except Costes; ~2,955 features, tens of CPU-seconds per 1080 px site).
         texture_scale: Haralick co-occurrence distance (px); CellProfiler/JUMP use 3, 5 and 10.
         texture_directions: Haralick directions measured in the default set (0: horizontal, 1: diagonal,
             2: vertical, 3: anti-diagonal; mahotas order).
         full_costes: include Costes thresholded correlation in the full set (~85% of cp_measure's time).
     """
 
-    feature_set: Literal["default", "full"] = "default"
+    feature_set: Literal["default", "cellprofiler", "full"] = "default"
     texture_scale: int = field(default=3, metadata=bounds(ge=1))
     texture_directions: tuple[int, ...] = (0,)
     full_costes: bool = False
@@ -131,5 +134,9 @@ JUMP = replace(DEMO, segmentation=replace(DEMO.segmentation, nucleus_diameter_px
                                           discard_border_nuclei=True),
                batch_size=2)
 
-#: Named presets (``--preset``): tiny (CI), demo (embedded default), jump (real 1080x1080 JUMP sites).
-PRESETS: dict[str, ProfileConfig] = {"tiny": TINY, "demo": DEMO, "jump": JUMP}
+#: Real JUMP sites measured with the CellProfiler-comparable feature set.
+CELLPROFILER = replace(JUMP, features=replace(JUMP.features, feature_set="cellprofiler"))
+
+#: Named presets (``--preset``): tiny (CI), demo (embedded default), jump (real 1080x1080 JUMP sites),
+#: cellprofiler (jump with the CellProfiler-comparable feature set).
+PRESETS: dict[str, ProfileConfig] = {"tiny": TINY, "demo": DEMO, "jump": JUMP, "cellprofiler": CELLPROFILER}

@@ -64,14 +64,24 @@ def _interp(sorted_values: np.ndarray, starts: np.ndarray, counts: np.ndarray, f
     return out
 
 
+def _order_by_label_then_value(values: np.ndarray, lab: np.ndarray, n_max: int) -> np.ndarray:
+    """Permutation sorting pixels by (label, value) = ``np.lexsort((values, lab))``, ~5x faster: one value sort,
+    then numpy's radix sort (stable, for 16-bit keys) by label."""
+    if n_max > np.iinfo(np.uint16).max:
+        return np.lexsort((values, lab))
+    by_value = np.argsort(values)
+    return by_value[np.argsort(lab[by_value].astype(np.uint16), kind="stable")]
+
+
 # ---------------------------------------------------------------------------------------------- AreaShape
 def _ellipse_axes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Major/minor axis lengths (px) and eccentricity of the ellipse with the same second moments, for all
     objects at once from per-label central moments (skimage's inertia-tensor definitions)."""
     n_max = int(max(np.max(ids, initial=0), labels.max())) + 1
-    flat = labels.ravel()
-    yy, xx = np.indices(labels.shape)
-    yy, xx = yy.ravel().astype(np.float64), xx.ravel().astype(np.float64)
+    index = np.flatnonzero(labels)  # background pixels only feed bin 0: leave them out
+    flat = labels.ravel()[index]
+    yy, xx = np.divmod(index, labels.shape[1])
+    yy, xx = yy.astype(np.float64), xx.astype(np.float64)
     n = np.bincount(flat, minlength=n_max).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         cy = np.bincount(flat, weights=yy, minlength=n_max) / n
@@ -137,7 +147,7 @@ class LabelledPixels:
 
     Attributes: ``lab`` (P,) int64 object numbers, ``index`` (P,) flat pixel indices, ``y``/``x`` (P,) float64
     coordinates, ``n_max`` bincount length, ``count`` (n_max,) pixels per object, ``edge`` (P,) bool inner
-    boundary pixels (CellProfiler's edge), for P labelled pixels.
+    boundary pixels (CellProfiler's edge), ``shape`` (H, W), for P labelled pixels.
     """
 
     def __init__(self, labels: np.ndarray, ids: np.ndarray):
@@ -150,6 +160,7 @@ class LabelledPixels:
         self.count = np.bincount(self.lab, minlength=self.n_max).astype(np.float64)
         self.edge = skimage.segmentation.find_boundaries(labels, mode="inner").ravel()[self.index]
         self.ids = np.asarray(ids, dtype=np.int64)
+        self.shape = labels.shape
 
     def sum(self, weights: np.ndarray) -> np.ndarray:
         return np.bincount(self.lab, weights=weights, minlength=self.n_max)
@@ -181,7 +192,7 @@ def intensity(labels: np.ndarray | LabelledPixels, pixels: np.ndarray, ids: np.n
         mean_edge = sum_edge / n_edge
 
     # quantiles: one sort by (label, value); each object's values are then one contiguous run
-    order = np.lexsort((vals, lp.lab))
+    order = _order_by_label_then_value(vals, lp.lab, lp.n_max)
     lab_s, val_s = lp.lab[order], vals[order]
     counts_all = n.astype(np.int64)
     starts_all = np.concatenate([[0], np.cumsum(counts_all)[:-1]])
@@ -190,7 +201,7 @@ def intensity(labels: np.ndarray | LabelledPixels, pixels: np.ndarray, ids: np.n
     med_all = np.zeros(lp.n_max)
     med_all[ids] = np.nan_to_num(median)
     dev = np.abs(val_s - med_all[lab_s])
-    mad = _interp(dev[np.lexsort((dev, lab_s))], starts, counts, 0.5)
+    mad = _interp(dev[_order_by_label_then_value(dev, lab_s, lp.n_max)], starts, counts, 0.5)
     empty = counts == 0
     last = max(len(val_s) - 1, 0)
     minimum = val_s[np.minimum(starts, last)] if len(val_s) else np.zeros(len(ids))
@@ -216,18 +227,68 @@ def intensity(labels: np.ndarray | LabelledPixels, pixels: np.ndarray, ids: np.n
     }
 
 
+def intensity_edge_location(labels: np.ndarray | LabelledPixels, pixels: np.ndarray,
+                            ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The rest of cp_measure's 2-D intensity group (cp_measure keys, each (N,) float64): edge Std/Min/Max and
+    ``Location_{CenterMassIntensity,MaxIntensity}_{X,Y}`` (px; the max is the first maximal pixel in C order;
+    the always-zero ``_Z`` columns of 2-D images are left out). NaN for absent objects."""
+    lp = labels if isinstance(labels, LabelledPixels) else LabelledPixels(labels, ids)
+    ids, v = lp.ids, lp.values(pixels)
+    ve, le = v[lp.edge], lp.lab[lp.edge]
+    n_edge = np.bincount(le, minlength=lp.n_max).astype(np.float64)
+    lo, hi = np.full(lp.n_max, np.inf), np.full(lp.n_max, -np.inf)
+    np.minimum.at(lo, le, ve)
+    np.maximum.at(hi, le, ve)
+    peak = np.full(lp.n_max, -np.inf)
+    np.maximum.at(peak, lp.lab, v)
+    is_peak = v == peak[lp.lab]
+    first = np.full(lp.n_max, np.iinfo(np.int64).max)
+    np.minimum.at(first, lp.lab[is_peak], lp.index[is_peak])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_e = np.bincount(le, weights=ve, minlength=lp.n_max) / n_edge
+        std_e = np.sqrt(np.maximum(np.bincount(le, weights=(ve - mean_e[le]) ** 2, minlength=lp.n_max) / n_edge, 0))
+        total = lp.sum(v)
+        cmi_x = np.where(total != 0, lp.sum(v * lp.x) / total, np.nan)
+        cmi_y = np.where(total != 0, lp.sum(v * lp.y) / total, np.nan)
+    empty = lp.count[ids] == 0
+    max_y, max_x = np.divmod(np.where(empty, 0, first[ids]), lp.shape[1])
+
+    def pick(per_label):  # (n_max,) -> (N,) rows of ids
+        return np.where(empty, np.nan, per_label[ids])
+
+    return {
+        "Intensity_StdIntensityEdge": pick(std_e), "Intensity_MinIntensityEdge": pick(lo),
+        "Intensity_MaxIntensityEdge": pick(hi), "Location_CenterMassIntensity_X": pick(cmi_x),
+        "Location_CenterMassIntensity_Y": pick(cmi_y),
+        "Location_MaxIntensity_X": np.where(empty, np.nan, max_x.astype(np.float64)),
+        "Location_MaxIntensity_Y": np.where(empty, np.nan, max_y.astype(np.float64)),
+    }
+
+
 # ---------------------------------------------------------------------------------------------- Correlation
 def pearson(labels: np.ndarray | LabelledPixels, first: np.ndarray, second: np.ndarray,
             ids: np.ndarray) -> np.ndarray:
     """Per-object Pearson correlation of two channels' pixels (N,) float64 (cp_measure ``Correlation_Pearson``,
     CellProfiler ``Correlation_Correlation``); NaN for empty or constant objects."""
     lp = labels if isinstance(labels, LabelledPixels) else LabelledPixels(labels, ids)
-    a, b = lp.values(first), lp.values(second)
+    return pearson_pairs(lp, np.stack([first, second]), ("first", "second"), ids)["first", "second"]
+
+
+def pearson_pairs(lp: LabelledPixels, image: np.ndarray, channels: tuple[str, ...],
+                  ids: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    """:func:`pearson` of every channel pair, named in name order (``("AGP", "DNA")``), each (N,) float64; each
+    channel's centred pixels are computed once instead of once per pair (same values)."""
+    centred, norm = [], []
     with np.errstate(divide="ignore", invalid="ignore"):
-        da = a - (lp.sum(a) / lp.count)[lp.lab]
-        db = b - (lp.sum(b) / lp.count)[lp.lab]
-        r = lp.sum(da * db) / np.sqrt(lp.sum(da * da) * lp.sum(db * db))
-    return r[np.asarray(ids, dtype=np.int64)]
+        for c in range(len(channels)):
+            a = lp.values(image[c])
+            centred.append(a - (lp.sum(a) / lp.count)[lp.lab])
+            norm.append(lp.sum(centred[-1] * centred[-1]))
+        out = {}
+        for (a, ch_a), (b, ch_b) in itertools.combinations(sorted(enumerate(channels), key=lambda t: t[1]), 2):
+            r = lp.sum(centred[a] * centred[b]) / np.sqrt(norm[a] * norm[b])
+            out[ch_a, ch_b] = r[np.asarray(ids, dtype=np.int64)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- Texture
@@ -236,51 +297,73 @@ def quantise_for_texture(pixels: np.ndarray) -> np.ndarray:
     return skimage.util.img_as_ubyte(np.clip(pixels, 0.0, 1.0))
 
 
+class PixelPairs:
+    """The pixel pairs of one label image at offset ``scale`` px along mahotas direction ``direction`` whose two
+    pixels lie in the same object: flat indices ``first``/``second`` (M,) int64 and their object ``lab`` (M,).
+    Channel-independent, so texture computes it once per compartment and offset for all channels."""
+
+    def __init__(self, labels: np.ndarray, scale: int, direction: int):
+        dy, dx = (scale * s for s in HARALICK_DIRECTIONS[direction])
+        h, w = labels.shape
+        y0, y1 = max(0, -dy), min(h, h - dy)
+        x0, x1 = max(0, -dx), min(w, w - dx)
+        la, lb = labels[y0:y1, x0:x1], labels[y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+        yy, xx = np.nonzero((la > 0) & (la == lb))
+        self.first = (yy + y0) * w + (xx + x0)
+        self.second = self.first + dy * w + dx
+        self.lab = la[yy, xx]
+        self.n_labels = int(labels.max(initial=0)) + 1
+
+
 def haralick(labels: np.ndarray, levels: np.ndarray, ids: np.ndarray, scale: int,
-             direction: int) -> dict[str, np.ndarray]:
+             direction: int, pairs: PixelPairs | None = None) -> dict[str, np.ndarray]:
     """Haralick features (:data:`TEXTURE_FEATURES`) of every object at once, each (N,) float64.
 
     One symmetric gray-level co-occurrence count per object, pairs at ``scale`` px along mahotas direction
     ``direction``, pairs with a zero level or leaving the object excluded (mahotas ``ignore_zeros``, as
     cp_measure calls it). The co-occurrence matrices are kept sparse: every feature here is a sum over the
     nonzero (i, j) entries, so no 256 x 256 matrix per object is built. NaN when an object has no valid pair.
+    ``pairs``: the :class:`PixelPairs` of ``labels`` at that offset, when shared across channels.
     """
-    dy, dx = (scale * s for s in HARALICK_DIRECTIONS[direction])
-    h, w = labels.shape
-    y0, y1 = max(0, -dy), min(h, h - dy)
-    x0, x1 = max(0, -dx), min(w, w - dx)
-    la, lb = labels[y0:y1, x0:x1], labels[y0 + dy:y1 + dy, x0 + dx:x1 + dx]
-    qa, qb = levels[y0:y1, x0:x1], levels[y0 + dy:y1 + dy, x0 + dx:x1 + dx]
-    ok = (la > 0) & (la == lb) & (qa > 0) & (qb > 0)
-    lab = la[ok].astype(np.int64)
-    i, j = qa[ok].astype(np.int64), qb[ok].astype(np.int64)
-    # symmetric matrix: count (i, j) and (j, i)
-    lab, i, j = np.concatenate([lab, lab]), np.concatenate([i, j]), np.concatenate([j, i])
+    pairs = PixelPairs(labels, scale, direction) if pairs is None else pairs
+    flat = levels.ravel()
+    a, b = flat[pairs.first], flat[pairs.second]
+    ok = (a > 0) & (b > 0)
     g = TEXTURE_GRAY_LEVELS
-    keys, counts = np.unique((lab * g + i) * g + j, return_counts=True)
-    klab, ki, kj = keys // (g * g), (keys // g) % g, keys % g
-    n_max = int(max(ids.max(initial=0), labels.max())) + 1
-    total = np.bincount(klab, weights=counts, minlength=n_max)
+    # the matrix is symmetric ((i, j) and (j, i) both counted): count unordered pairs, half the values to sort,
+    # in int32 keys when they fit (sorting is the cost of this function)
+    key_type = np.int32 if pairs.n_labels * g * g < 2 ** 31 else np.int64
+    a, b = a[ok], b[ok]
+    lo, hi = np.minimum(a, b).astype(key_type), np.maximum(a, b).astype(key_type)
+    keys, counts = np.unique((pairs.lab[ok].astype(key_type) * g + lo) * g + hi, return_counts=True)
+    klab = (keys // (g * g)).astype(np.intp)
+    ki, kj = ((keys // g) % g).astype(np.float64), (keys % g).astype(np.float64)
+    # an off-diagonal unordered pair (a, b) stands for the entries (a, b) and (b, a), each with its count; a
+    # diagonal one for (a, a) with twice its count. Sums over the matrix become sums over unordered pairs with
+    # multiplicity 2 (off) or 1 (diagonal), of f symmetrised: (f(a, b) + f(b, a)) / 2.
+    off = ki != kj
+    n_max = max(int(ids.max(initial=0)) + 1, pairs.n_labels)
+    total = np.zeros(n_max)
+    sums = np.zeros((n_max, 8))
+    if len(keys):
+        # keys are sorted, so each object's entries are one run: one reduceat sums every feature of every object
+        starts = np.flatnonzero(np.concatenate([[True], klab[1:] != klab[:-1]]))
+        present = klab[starts]
+        total[present] = np.add.reduceat(2.0 * counts, starts)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = np.where(off, counts, 2 * counts) / total[klab]
+            w = np.where(off, 2.0, 1.0) * p  # matrix weight of the pair
+            d2 = (ki - kj) ** 2
+            terms = np.column_stack([w * p, w * d2, w / (1.0 + d2), w * (ki + kj), w * np.log2(p),
+                                     w * (ki + kj) / 2, w * (ki * ki + kj * kj) / 2, w * ki * kj])
+        sums[present] = np.add.reduceat(terms, starts, axis=0)
+    asm, contrast, idm, sum_average, p_log_p, ux, sq, cross = sums.T
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = counts / total[klab]
-
-        def per_label(weights):
-            return np.bincount(klab, weights=weights, minlength=n_max)
-
-        ux = per_label(p * kj)
-        vx = per_label(p * kj ** 2) - ux ** 2
-        cross = per_label(p * ki * kj)
+        vx = sq - ux ** 2
         sx = np.sqrt(np.maximum(vx, 0))
         corr = np.where(sx == 0, 1.0, (cross - ux * ux) / (sx * sx))
-        out = {
-            "AngularSecondMoment": per_label(p * p),
-            "Contrast": per_label(p * (ki - kj) ** 2),
-            "Correlation": corr,
-            "Variance": vx,
-            "InverseDifferenceMoment": per_label(p / (1.0 + (ki - kj) ** 2)),
-            "SumAverage": per_label(p * (ki + kj)),
-            "Entropy": -per_label(p * np.log2(p)),
-        }
+    out = {"AngularSecondMoment": asm, "Contrast": contrast, "Correlation": corr, "Variance": vx,
+           "InverseDifferenceMoment": idm, "SumAverage": sum_average, "Entropy": -p_log_p}
     missing = total[ids] == 0
     return {k: np.where(missing, np.nan, v[ids]) for k, v in out.items()}
 
@@ -311,13 +394,92 @@ def default_features(image: np.ndarray, compartments: dict[str, np.ndarray], cha
         for c, ch in enumerate(channels):
             for name, values in intensity(lp, image[c], ids).items():
                 out[f"{obj}_Intensity_{name}_{ch}"] = values
-        for (a, ch_a), (b, ch_b) in itertools.combinations(sorted(enumerate(channels), key=lambda t: t[1]), 2):
-            out[f"{obj}_Correlation_Correlation_{ch_a}_{ch_b}"] = pearson(lp, image[a], image[b], ids)
+        for (ch_a, ch_b), values in pearson_pairs(lp, image, channels, ids).items():
+            out[f"{obj}_Correlation_Correlation_{ch_a}_{ch_b}"] = values
         for c, ch in enumerate(channels):
             for direction in texture_directions:
                 for name, values in haralick(labels, levels[c], ids, texture_scale, direction).items():
                     out[f"{obj}_Texture_{name}_{ch}_{texture_scale}_{direction:02d}_{TEXTURE_GRAY_LEVELS}"] = values
     return out
+
+
+# ---------------------------------------------------------------------------------------------- cellprofiler set
+#: JUMP's CellProfiler texture settings: scales 3, 5 and 10 px, all four directions (``_10_03_256`` columns).
+CELLPROFILER_TEXTURE_SCALES = (3, 5, 10)
+CELLPROFILER_TEXTURE_DIRECTIONS = (0, 1, 2, 3)
+
+
+def cellprofiler_features(image: np.ndarray, compartments: dict[str, np.ndarray], channels: tuple[str, ...],
+                          ids: np.ndarray, texture_scales: tuple[int, ...] = CELLPROFILER_TEXTURE_SCALES,
+                          texture_directions: tuple[int, ...] = CELLPROFILER_TEXTURE_DIRECTIONS,
+                          groups: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """A CellProfiler-comparable set (JUMP's modules), every group vectorised and equal to cp_measure's values.
+
+    Per compartment: AreaShape (13) and Zernike shape moments (30); per channel: Intensity (15) and Location
+    (4), Texture (7 Haralick x ``texture_scales`` x ``texture_directions``), Granularity (16), RadialDistribution
+    (12 rings + 60 Zernike magnitude/phase); Pearson correlation per channel pair. 3,024 columns for 5 channels
+    and 3 compartments with the defaults. Shared work is computed once (see :mod:`cpldm_core.features.spatial`):
+    granularity's image filtering per channel, radial geometry and the Zernike basis per compartment.
+
+    Args and returns as :func:`default_features`; ``groups`` restricts to a subset of :data:`CELLPROFILER_GROUPS`
+    (benchmarks time them one by one).
+    """
+    from cpldm_core.features import spatial
+
+    groups = CELLPROFILER_GROUPS if groups is None else groups
+    unknown = set(groups) - set(CELLPROFILER_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown feature groups {sorted(unknown)}; choose from {CELLPROFILER_GROUPS}")
+    ids = np.asarray(ids, dtype=np.int64)
+    out: dict[str, np.ndarray] = {}
+    if "texture" in groups:
+        levels = [quantise_for_texture(image[c]) for c in range(len(channels))]
+    if "granularity" in groups:
+        spectra = [spatial.granular_spectrum(image[c]) for c in range(len(channels))]
+    for obj, labels in compartments.items():
+        labels = labels.astype(np.int64, copy=False)
+        if "areashape" in groups:
+            for name, values in areashape(labels, ids).items():
+                out[f"{obj}_AreaShape_{name}"] = values
+        if "intensity" in groups or "correlation" in groups:
+            lp = LabelledPixels(labels, ids)
+        if "intensity" in groups:
+            for c, ch in enumerate(channels):
+                for name, values in intensity(lp, image[c], ids).items():
+                    out[f"{obj}_Intensity_{name}_{ch}"] = values
+                for key, values in intensity_edge_location(lp, image[c], ids).items():
+                    out[cellprofiler_name(obj, f"{key}__{ch}")] = values
+        if "correlation" in groups:
+            for (ch_a, ch_b), values in pearson_pairs(lp, image, channels, ids).items():
+                out[f"{obj}_Correlation_Correlation_{ch_a}_{ch_b}"] = values
+        if "texture" in groups:
+            for scale in texture_scales:
+                for direction in texture_directions:
+                    pairs = PixelPairs(labels, scale, direction)
+                    for c, ch in enumerate(channels):
+                        for name, values in haralick(labels, levels[c], ids, scale, direction, pairs).items():
+                            out[f"{obj}_Texture_{name}_{ch}_{scale}_{direction:02d}_{TEXTURE_GRAY_LEVELS}"] = values
+        objects = spatial.Objects(labels, ids) if set(groups) & {"granularity", "radial", "zernike"} else None
+        if "granularity" in groups and objects.n:
+            operator = None
+            for c, ch in enumerate(channels):
+                if spectra[c] is not None and operator is None:
+                    operator = spatial.upsample_mean_operator(objects, labels.shape, spectra[c].shape[1:])
+                for key, values in spatial.granularity(objects, image[c], spectra[c], operator).items():
+                    out[cellprofiler_name(obj, f"{key}__{ch}")] = values
+        if "radial" in groups and objects.n:
+            geometry = spatial.RadialGeometry(objects)
+            for c, ch in enumerate(channels):
+                for key, values in spatial.radial_distribution(geometry, image[c]).items():
+                    out[cellprofiler_name(obj, f"{key}__{ch}")] = values
+        if "zernike" in groups and objects.n:
+            for key, values in spatial.zernike_features(objects, image, channels).items():
+                out[cellprofiler_name(obj, key)] = values
+    return out
+
+
+#: Groups of :func:`cellprofiler_features`, in the order it measures them.
+CELLPROFILER_GROUPS = ("areashape", "intensity", "correlation", "texture", "granularity", "radial", "zernike")
 
 
 # ---------------------------------------------------------------------------------------------- full set (cp_measure)

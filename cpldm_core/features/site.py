@@ -46,6 +46,8 @@ def measure_objects(image: np.ndarray, seg: Segmentation, cfg: FeatureConfig,
     if cfg.feature_set == "default":
         return measure.default_features(image, seg.compartments(), channels, ids, cfg.texture_scale,
                                         cfg.texture_directions)
+    if cfg.feature_set == "cellprofiler":
+        return measure.cellprofiler_features(image, seg.compartments(), channels, ids)
     return measure.full_features(image, seg.compartments(), channels, ids, costes=cfg.full_costes)
 
 
