@@ -46,17 +46,6 @@ from tests._fixtures import build_toy_lake   # shared with tests/test_generate.p
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _driver_hwm_mb(pid: int) -> float | None:
-    """High-water RSS of process ``pid`` (MiB) from /proc/<pid>/status, None once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def run_cli(lake_dir: Path, args: list[str], stage: str, n_units: int | None = None,
             kill_fraction: float | None = None, timeout_s: float = 4 * 3600) -> dict:
     """Run ``cpldm --lake <lake_dir> --verbose <args>`` in a subprocess; poll its committed units of ``stage``
@@ -67,6 +56,7 @@ def run_cli(lake_dir: Path, args: list[str], stage: str, n_units: int | None = N
     incomplete; its Ray processes are stopped by the driver's watchdog). Returns wall seconds, the driver's
     peak RSS (MiB), the times (s after start) at which the first and the last unit were seen committed, whether
     it was killed, its pid and its output."""
+    from benchmarks import harness
     from pipelines.storage import Lake
 
     cmd = [sys.executable, "-m", "pipelines.cli", "--lake", str(lake_dir), "--verbose", *args]
@@ -79,7 +69,7 @@ def run_cli(lake_dir: Path, args: list[str], stage: str, n_units: int | None = N
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None:
-                hwm = max(hwm, _driver_hwm_mb(proc.pid) or 0.0)
+                hwm = max(hwm, harness.vm_hwm_mb(proc.pid) or 0.0)
                 count = len(lake.committed_units(stage))
                 now = time.perf_counter() - t0
                 if count > done:
@@ -161,32 +151,16 @@ def ingest_lake(work: Path, n_sites: int, px: int, distinct: int) -> Path:
 
 
 def plain_ingest_loop(lake_dir: Path, crop: int) -> tuple[int, float]:
-    """The single-process baseline on the same input: read -> decode -> normalise -> centre crop -> encode
-    (small VAE, 1 torch thread), no Zarr. Returns (sites, seconds)."""
-    import torch
-
-    from cpldm_core import images as im
-    from cpldm_core.images import IngestConfig
+    """The single-process baseline on the same input (``bench_ingest.plain_ingest_seconds``, 16 sites per encode
+    call). Returns (sites, seconds)."""
+    from benchmarks.bench_ingest import NORM, plain_ingest_seconds
     from pipelines import ingest
     from pipelines.storage import Lake
 
     lake = Lake(str(lake_dir))
-    torch.set_num_threads(1)
-    source = ingest.resolve_vae(lake, "bench-small", None, "plain")
-    model = ingest.load_autoencoder(lake, source, IngestConfig().channel_groups)
     recs = ingest.site_records(lake.read_named("sites").to_pandas())
     reader = ingest.SiteReader(endpoint_url=None, normalisation=NORM, crop_size=crop)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, len(recs), 16):
-            crops = [im.centre_crop(im.normalise(img, NORM["low"], NORM["high"]), crop)
-                     for img in reader.read_sites(recs[start:start + 16])]
-            model.encode(torch.from_numpy(np.ascontiguousarray(np.stack(crops))))
-    return len(recs), time.perf_counter() - t0
-
-
-#: Fixed normalisation of the plain loop (the ingest stage computes its own from a sample: same cost per site).
-NORM = {"low": [100.0] * 5, "high": [3000.0] * 5}
+    return len(recs), plain_ingest_seconds(lake, reader, recs, crop, batch=16)
 
 
 def ingest_cli(lake_dir: Path, vae_id: str, workers: int, crop: int, rows_per_shard: int = 64) -> dict:

@@ -160,6 +160,18 @@ def peak_bf16_flops(gpu_name: str) -> float | None:
     return None
 
 
+def vm_hwm_mb(pid: int | str = "self") -> float | None:
+    """High-water resident memory of process ``pid`` (MiB): ``VmHWM`` from /proc/<pid>/status; None without
+    /proc or once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def peak_rss_mb(include_children: bool = True) -> float:
     """High-water resident memory of this process (and of its waited-for children), MiB.
 
@@ -168,13 +180,9 @@ def peak_rss_mb(include_children: bool = True) -> float:
     ``RUSAGE_CHILDREN`` high-water mark (largest waited-for descendant).
     """
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2 ** 20  # ru_maxrss: KiB on Linux, bytes on macOS
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                own = int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    own = vm_hwm_mb("self")
+    if own is None:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     if not include_children:
         return own
     return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale)

@@ -188,9 +188,8 @@ def watch(driver_pid: int, token: str) -> int:
     while True:
         # sweep until three passes a second apart find nothing (by token or by session directory), and for at
         # least WATCH_MIN_SWEEP_S: a raylet stopped after its agents may start a new agent in between
-        owned = tuple(owned_processes(token))
-        found = bool(owned) or bool(session and head_processes(session))
-        left = stop_processes(session, grace_s=WATCH_GRACE_S, extra=owned)
+        found = tuple(set(owned_processes(token)) | set(head_processes(session) if session else ()))
+        left = stop_processes("", grace_s=WATCH_GRACE_S, extra=found)
         empty_passes = 0 if found else empty_passes + 1
         elapsed = time.monotonic() - start
         if (empty_passes >= 3 and elapsed >= WATCH_MIN_SWEEP_S) or elapsed > WATCH_SWEEP_S:
