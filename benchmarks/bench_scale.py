@@ -6,8 +6,9 @@ subprocess that starts its own local Ray cluster), polled for committed units an
 Ingest (``parts=("ingest",)``): a JUMP-layout raw lake of ``ingest_sizes`` five-channel ``px`` sites (``distinct``
 rendered, the rest hard-linked: the readers still open and decode every file, from the page cache), random-weight
 small VAE, ``crop`` px centre crops. At the largest size: a plain single-process loop (read, decode, normalise,
-crop, encode; 1 thread; no Zarr) vs ``cpldm ingest`` with 1 and 2 readers + encoders (0.5 CPU each), end to end.
-At every size: the driver's peak RSS (2 workers).
+crop, encode; 1 thread; no Zarr) vs ``cpldm ingest`` with 1 and 2 readers + encoders (0.5 CPU each), and with 1
+and 2 fused read+encode actors (1 CPU each), end to end, with the driver's CPU seconds and the machine's busy
+share. At every size: the driver's peak RSS (2 workers, fused).
 
 Generate (``parts=("generate",)``): a toy lake of random-weight networks of the real classes (tiny U-Net, 32 px
 images, DPM-Solver++-20; :func:`tests._fixtures.build_toy_lake`; throughput depends on shapes and the sampler,
@@ -64,12 +65,14 @@ def run_cli(lake_dir: Path, args: list[str], stage: str, n_units: int | None = N
     lake = Lake(str(lake_dir))
     log_path = lake_dir.parent / f"{stage}.log"
     t0 = time.perf_counter()
-    hwm, first, last, done, killed = 0.0, None, None, 0, False
+    busy0 = harness.machine_busy_cpu_s()
+    hwm, cpu, first, last, done, killed = 0.0, 0.0, None, None, 0, False
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None:
                 hwm = max(hwm, harness.vm_hwm_mb(proc.pid) or 0.0)
+                cpu = max(cpu, harness.process_cpu_s(proc.pid) or 0.0)
                 count = len(lake.committed_units(stage))
                 now = time.perf_counter() - t0
                 if count > done:
@@ -87,10 +90,13 @@ def run_cli(lake_dir: Path, args: list[str], stage: str, n_units: int | None = N
             if proc.poll() is None:   # an error in this loop must not leave the stage and its Ray running
                 proc.kill()
                 proc.wait()
+    wall = time.perf_counter() - t0
+    busy = harness.machine_busy_cpu_s()
     output = log_path.read_text(errors="replace")
     if not killed and proc.returncode != 0:
         raise RuntimeError(f"cpldm {args[0]} failed (exit {proc.returncode}):\n{output[-3000:]}")
-    return {"wall_s": time.perf_counter() - t0, "driver_peak_mb": hwm, "first_unit_s": first,
+    return {"wall_s": wall, "driver_peak_mb": hwm, "driver_cpu_s": cpu, "first_unit_s": first,
+            "machine_busy_s": (busy - busy0) if busy is not None and busy0 is not None else float("nan"),
             "last_unit_s": last, "units_seen": done, "killed": killed, "pid": proc.pid, "output": output}
 
 
@@ -105,6 +111,14 @@ def generate_cli(lake_dir: Path, run: str, draws: int, actors: int, block_size: 
             "--seed-namespace", "scale", "--set", f"block_size={block_size}",
             "--set", f"batch_size={min(block_size, 64)}", "--set", "design_part_rows=65536"]
     return run_cli(lake_dir, args, generate.block_stage(run), n_blocks, kill_fraction)
+
+
+def cpu_note(r: dict) -> str:
+    """Where the CPUs went during one :func:`run_cli` run: the driver's own CPU seconds and the machine's busy
+    share (every process, Ray's included) of cores x wall."""
+    cores = os.cpu_count() or 1
+    return (f"driver {r['driver_cpu_s']:.0f} CPU-s; machine busy {r['machine_busy_s']:.0f} of "
+            f"{cores * r['wall_s']:.0f} CPU-s ({100 * r['machine_busy_s'] / (cores * r['wall_s']):.0f}%)")
 
 
 def image_digests(lake, run: str, chunk: int = 4096) -> np.ndarray:
@@ -163,22 +177,26 @@ def plain_ingest_loop(lake_dir: Path, crop: int) -> tuple[int, float]:
     return len(recs), plain_ingest_seconds(lake, reader, recs, crop, batch=16)
 
 
-def ingest_cli(lake_dir: Path, vae_id: str, workers: int, crop: int, rows_per_shard: int = 64) -> dict:
-    """``cpldm ingest`` with ``workers`` readers and ``workers`` encoders (0.5 CPU each): see :func:`run_cli`."""
+def ingest_cli(lake_dir: Path, vae_id: str, workers: int, crop: int, rows_per_shard: int = 64,
+               fused: bool = False) -> dict:
+    """``cpldm ingest`` with ``workers`` readers and ``workers`` encoders (0.5 CPU each), or with ``fused``
+    ``workers`` read+encode actors (1 CPU each): see :func:`run_cli`."""
     from pipelines import ingest
 
     args = ["ingest", "--preset", "demo", "--vae", "bench-small", "--vae-id", vae_id, "--set", "subset=all",
             "--set", f"crop_size={crop}", "--set", f"read_concurrency={workers}",
             "--set", f"encode_concurrency={workers}", "--set", "num_cpus_read=0.5",
-            "--set", "num_cpus_encode=0.5", "--set", f"rows_per_shard={rows_per_shard}"]
+            "--set", "num_cpus_encode=0.5", "--set", f"rows_per_shard={rows_per_shard}",
+            "--set", f"fuse_read_encode={'true' if fused else 'false'}"]
     return run_cli(lake_dir, args, ingest.stage_name(vae_id))
 
 
 def scale_ingest(work: Path, sizes: tuple[int, ...], px: int, crop: int, distinct: int,
                  workers_arms: tuple[int, ...] = (1, 2)) -> list[dict]:
-    """Ingest at scale: plain loop vs ``cpldm ingest`` with ``workers_arms`` workers at the largest size; the
-    driver's peak RSS at every size (2 workers). The Ray Data stats of the largest 2-worker run are written
-    to ``benchmarks/results/scale_ingest_stats.txt`` (where the time goes, per operator)."""
+    """Ingest at scale: plain loop vs ``cpldm ingest`` with ``workers_arms`` workers at the largest size, each
+    as a reader pool feeding an encoder pool and (``fuse_read_encode``) as read+encode actors; the driver's peak
+    RSS at every size (2 workers, fused). The Ray Data stats of the largest 2-worker runs are written to
+    ``benchmarks/results/scale_ingest_stats_<pools|fused>.txt`` (where the time goes, per operator)."""
     from benchmarks import harness
 
     rows: list[dict] = []
@@ -193,25 +211,31 @@ def scale_ingest(work: Path, sizes: tuple[int, ...], px: int, crop: int, distinc
                          "unit": "sites/s", "peak_mem_mb": float("nan"),
                          "notes": f"{base}; read+decode+normalise+crop+encode, 1 process, 1 thread, no Zarr"})
             for workers in workers_arms:
-                r = ingest_cli(lake_dir, f"scale-{workers}w", workers, crop)
-                if workers == 2 and "Ray Data stats" in r["output"]:
-                    stats = r["output"][r["output"].find("Ray Data stats"):]
-                    (harness.RESULTS_DIR / "scale_ingest_stats.txt").write_text(f"{base}\n{stats}")
-                rate = sites / r["wall_s"]
-                rows.append({"benchmark": f"ingest {n:,} sites", "metric": f"cpldm ingest, {workers} worker(s)",
-                             "value": rate, "unit": "sites/s", "peak_mem_mb": r["driver_peak_mb"],
-                             "notes": f"{base}; {workers} reader + {workers} encoder actor(s) x 0.5 CPU; wall "
-                                      f"{r['wall_s']:.0f} s incl. Ray start, stats, Zarr, index"})
-                rows.append({"benchmark": f"ingest {n:,} sites", "metric": f"ray / plain, {workers} worker(s)",
-                             "value": rate / plain, "unit": "x", "peak_mem_mb": r["driver_peak_mb"],
-                             "notes": "same run, ratio of the rows above"})
-                peaks[n] = r["driver_peak_mb"]
+                for fused in (False, True):
+                    mode = "fused" if fused else "pools"
+                    r = ingest_cli(lake_dir, f"scale-{workers}w-{mode}", workers, crop, fused=fused)
+                    if workers == 2 and "Ray Data stats" in r["output"]:
+                        stats = r["output"][r["output"].find("Ray Data stats"):]
+                        (harness.RESULTS_DIR / f"scale_ingest_stats_{mode}.txt").write_text(f"{base}\n{stats}")
+                    what = (f"{workers} read+encode actor(s) x 1 CPU (fuse_read_encode)" if fused else
+                            f"{workers} reader + {workers} encoder actor(s) x 0.5 CPU")
+                    rate = sites / r["wall_s"]
+                    rows.append({"benchmark": f"ingest {n:,} sites", "value": rate, "unit": "sites/s",
+                                 "metric": f"cpldm ingest, {workers} worker(s), {mode}",
+                                 "peak_mem_mb": r["driver_peak_mb"],
+                                 "notes": f"{base}; {what}; wall {r['wall_s']:.0f} s incl. Ray start, stats, Zarr, "
+                                          f"index; {cpu_note(r)}"})
+                    rows.append({"benchmark": f"ingest {n:,} sites", "value": rate / plain, "unit": "x",
+                                 "metric": f"ray / plain, {workers} worker(s), {mode}",
+                                 "peak_mem_mb": r["driver_peak_mb"], "notes": "same run, ratio of the rows above"})
+                    if workers == 2 and fused:
+                        peaks[n] = r["driver_peak_mb"]
         else:
-            peaks[n] = ingest_cli(lake_dir, "scale-2w", 2, crop)["driver_peak_mb"]
+            peaks[n] = ingest_cli(lake_dir, "scale-2w", 2, crop, fused=True)["driver_peak_mb"]
         shutil.rmtree(lake_dir, ignore_errors=True)
     for n, peak in peaks.items():
-        rows.append({"benchmark": f"ingest {n:,} sites", "metric": "driver peak RSS (2 workers)", "value": peak,
-                     "unit": "MiB", "peak_mem_mb": peak,
+        rows.append({"benchmark": f"ingest {n:,} sites", "metric": "driver peak RSS (2 workers, fused)",
+                     "value": peak, "unit": "MiB", "peak_mem_mb": peak,
                      "notes": f"VmHWM of the cpldm process; vs the smallest size: {peak / peaks[min(peaks)]:.2f}x"})
     return rows
 

@@ -20,7 +20,12 @@ latents with fixed noise (the demo world holds out no batch, so the train histor
 
     nice -n 19 python -m benchmarks.exp_model [--arms a b d] [--workdir benchmarks/_work/exp_model]
         [--copy-from /tmp/demo-lake] [--out benchmarks/results/exp_model] [--deadline-min 70]
-        [--raw-bands ARM ...] [--no-scm-free] [--scm-free-arms ARM ...] [--vae-id ID]
+        [--raw-bands ARM ...] [--no-scm-free] [--scm-free-arms ARM ...] [--vae-id ID] [--seeds 0 1 2]
+
+``--seeds``: replicate training seeds (TrainConfig.seed: initial weights, data order, noise; a training run
+is reproducible bit for bit given its seed): each arm is trained c-aware and SCM-free per seed (runs
+``...-s<k>``), and ``<out>/exp_model_paired_seeds.csv`` holds the c-aware - SCM-free gap difference paired by seed
+(mean, between-seed SD, 95 % t interval, ``scipy.stats.ttest_rel``).
 
 Writes ``<out>/exp_model_arms.parquet`` (one row per arm: metrics, gaps, train wall time, final losses),
 ``<out>/exp_model_bands.parquet`` (loss per timestep band per arm) and ``<out>/exp_model.md``. Rows are
@@ -113,19 +118,20 @@ def ensure_records(lake, dataset: str, gcfg, logpath: Path | None) -> None:
     profile.run(lake, PROFILE_PRESETS["demo"], dataset=dataset)
 
 
-#: Latent cache (VAE) the arms train on; "" = the lake's only one. Set by ``--vae-id``.
-VAE_ID = ""
-
-
-def train_config(arm: str, model: str):
+def train_config(arm: str, model: str, vae_id: str = "", seed: int | None = None):
+    """The demo preset with the arm's overrides; ``vae_id`` "" = the lake's only latent cache; ``seed`` None =
+    the preset's training seed."""
     from cpldm_core.diffusion import TRAIN_PRESETS
 
-    return dataclasses.replace(TRAIN_PRESETS["demo"], model=model, vae_id=VAE_ID, **ARMS[arm])
+    cfg = dataclasses.replace(TRAIN_PRESETS["demo"], model=model, vae_id=vae_id, **ARMS[arm])
+    return cfg if seed is None else dataclasses.replace(cfg, seed=seed)
 
 
-def run_name(arm: str, model: str) -> str:
-    """models/<run>: ``scm-<arm>`` / ``scmfree-<arm>``, with ``-<vae id>`` when ``--vae-id`` is given."""
-    return f"{'scm' if model == 'scm' else 'scmfree'}{'-' + VAE_ID if VAE_ID else ''}-{arm}"
+def run_name(arm: str, model: str, vae_id: str = "", seed: int | None = None) -> str:
+    """models/<run>: ``scm-<arm>`` / ``scmfree-<arm>``, with ``-<vae id>`` when a VAE is named and ``-s<seed>``
+    when a training seed is."""
+    return (f"{'scm' if model == 'scm' else 'scmfree'}{'-' + vae_id if vae_id else ''}-{arm}"
+            f"{'' if seed is None else f'-s{seed}'}")
 
 
 def band_losses(lake, run: str, cfg, rows: int = 128, raw: bool = False) -> dict[str, float]:
@@ -199,15 +205,15 @@ def scores(lake, eval_run: str, arm_dt: str) -> dict[str, float]:
     return row
 
 
-def run_arm(lake, arm: str, model: str, logpath: Path | None) -> dict:
-    """Train, generate, profile and evaluate one arm; returns its row."""
+def run_arm(lake, arm: str, model: str, logpath: Path | None, vae_id: str = "", seed: int | None = None) -> dict:
+    """Train, generate, profile and evaluate one arm (one training seed); returns its row."""
     from cpldm_core.design import generate_preset
     from cpldm_core.evaluation.config import PRESETS as EVAL_PRESETS
     from cpldm_core.features.config import PRESETS as PROFILE_PRESETS
     from pipelines import evaluate, generate, profile, train
 
-    run = run_name(arm, model)
-    cfg = train_config(arm, model)
+    run = run_name(arm, model, vae_id, seed)
+    cfg = train_config(arm, model, vae_id, seed)
     t0 = time.time()
     if lake.exists(f"models/{run}/summary.json"):
         summary = lake.read_json(f"models/{run}/summary.json")
@@ -234,7 +240,7 @@ def run_arm(lake, arm: str, model: str, logpath: Path | None) -> dict:
     hist = train.read_history(lake, run)
     tr = hist.loc[hist["split"] == "train"]
     val = hist.loc[hist["split"] == "val"]
-    row = {"arm": arm, "model": model, "run": run, "data_type": arm_dt,
+    row = {"arm": arm, "model": model, "seed": seed, "run": run, "data_type": arm_dt,
            "overrides": json.dumps(ARMS[arm], sort_keys=True), "steps": int(summary["steps"]),
            "train_wall_s": float(summary["wall_s"]), "generate_s": t_gen, "profile_s": t_prof, "evaluate_s": t_eval,
            "first_train_loss": float(tr["loss"].iloc[0]), "final_train_loss": float(tr["loss"].iloc[-10:].mean()),
@@ -251,19 +257,55 @@ def mean_gap(row: dict | pd.Series) -> float:
     return float(np.mean([row[k] for k in row.keys() if str(k).endswith("_gap")]))
 
 
-def write_tables(out: Path, rows: list[dict]) -> None:
+def paired_over_seeds(frame: pd.DataFrame) -> pd.DataFrame:
+    """c-aware minus SCM-free gap closed, paired by training seed, per arm and gap metric (and their mean):
+    seeds, mean difference, between-seed SD, 95 % t interval, paired t-test p (``scipy.stats.ttest_rel``), and
+    each model's mean and between-seed SD. Empty when no arm has both models for >= 2 seeds."""
+    from scipy import stats
+
+    gaps = [c for c in frame.columns if c.endswith("_gap")]
+    frame = frame.assign(mean_gap=frame[gaps].mean(axis=1))
+    out = []
+    for arm, g in frame.groupby("arm"):
+        wide = g.pivot_table(index="seed", columns="model", values=[*gaps, "mean_gap"])
+        if "scm" not in wide.columns.get_level_values(1) or "scm-free" not in wide.columns.get_level_values(1):
+            continue
+        for metric in [*gaps, "mean_gap"]:
+            pair = wide[metric][["scm", "scm-free"]].dropna()
+            if len(pair) < 2:
+                continue
+            diff = (pair["scm"] - pair["scm-free"]).to_numpy()
+            half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+            p = stats.ttest_rel(pair["scm"], pair["scm-free"]).pvalue if diff.std(ddof=1) > 0 else float("nan")
+            out.append({"arm": arm, "metric": metric, "seeds": len(diff), "scm_mean": pair["scm"].mean(),
+                        "scm_sd": pair["scm"].std(ddof=1), "free_mean": pair["scm-free"].mean(),
+                        "free_sd": pair["scm-free"].std(ddof=1), "diff_mean": diff.mean(),
+                        "diff_sd": diff.std(ddof=1), "ci95_low": diff.mean() - half, "ci95_high": diff.mean() + half,
+                        "p_ttest_rel": p})
+    return pd.DataFrame(out)
+
+
+def write_tables(out: Path, rows: list[dict], vae_id: str = "") -> None:
     frame = pd.DataFrame(rows)
+    if "seed" not in frame.columns:
+        frame["seed"] = np.nan
     frame.to_parquet(out / "exp_model_arms.parquet")
     gaps = [c for c in frame.columns if c.endswith("_gap")]
-    show = frame[["arm", "model", "steps", "train_wall_s", "final_train_loss", *gaps,
+    show = frame[["arm", "model", "seed", "steps", "train_wall_s", "final_train_loss", *gaps,
                   *[c for c in frame.columns if c.startswith("loss_t")]]].copy()
     show["mean_gap"] = frame[gaps].mean(axis=1)
+    paired = paired_over_seeds(frame.dropna(subset=["seed"]))
+    if len(paired):
+        paired.to_csv(out / "exp_model_paired_seeds.csv", index=False)
     with open(out / "exp_model.md", "w") as fh:
         fh.write("# exp_model: training-recipe levers (demo preset, jump world seed 0, N=10, latents: "
-                 f"{VAE_ID or 'the demo VAE'})\n\n")
+                 f"{vae_id or 'the demo VAE'})\n\n")
         fh.write("gap = (arm - chance) / (oracle-c-aware-N10 - chance); mAP per label; truth: mean Pearson r "
                  "(chance 0). loss_t*: v-MSE per timestep band on 128 training latents, fixed noise.\n\n")
         fh.write("```\n" + show.round(3).to_string(index=False) + "\n```\n\n")
+        if len(paired):
+            fh.write("c-aware - SCM-free gap closed, paired by training seed (mean, between-seed SD, 95 % t "
+                     "interval, paired t-test):\n\n```\n" + paired.round(3).to_string(index=False) + "\n```\n\n")
         fh.write("Raw values (arm, oracle, chance):\n\n```\n"
                  + frame.drop(columns=["overrides"]).round(4).T.to_string() + "\n```\n")
 
@@ -284,9 +326,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="train every arm on latents/<id> (a lake with several caches, e.g. exp_vae_fit.sh's)")
     parser.add_argument("--scm-free-arms", nargs="*", default=None, metavar="ARM",
                         help="train these arms SCM-free too (default: the best c-aware arm only)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="K",
+                        help="replicate training seeds: every arm x both models x each seed (runs ...-s<K>), "
+                             "then the c-aware - SCM-free difference paired by seed")
     args = parser.parse_args(argv)
-    global VAE_ID
-    VAE_ID = args.vae_id
+    vae_id = args.vae_id
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     t_start = time.time()
     logpath = Path(args.log) if args.log else None
@@ -297,30 +341,45 @@ def main(argv: list[str] | None = None) -> int:
     lake = Lake(str(ensure_world(workdir, args.copy_from, logpath)))
     parquet = out / "exp_model_arms.parquet"
     rows = pd.read_parquet(parquet).to_dict("records") if parquet.exists() else []
-    done = {(r["arm"], r["model"]) for r in rows}
+    def seed_of(r: dict) -> int | None:
+        return None if pd.isna(r.get("seed", np.nan)) else int(r["seed"])
+
+    done = {(r["arm"], r["model"], seed_of(r)) for r in rows}
     for arm in args.raw_bands:
-        bands = band_losses(lake, run_name(arm, "scm"), train_config(arm, "scm"), raw=True)
-        log(f"{run_name(arm, 'scm')}: band losses of the raw (non-EMA) checkpoint weights {bands}", logpath)
+        bands = band_losses(lake, run_name(arm, "scm", vae_id), train_config(arm, "scm", vae_id), raw=True)
+        log(f"{run_name(arm, 'scm', vae_id)}: band losses of the raw (non-EMA) checkpoint weights {bands}", logpath)
         pd.DataFrame([{"arm": arm, "weights": "raw-checkpoint", **bands}]).to_parquet(out / f"raw_bands_{arm}.parquet")
-    # a 4x arm takes ~4x the baseline's time: budget from the measured per-step cost
-    for arm in args.arms:
-        if (arm, "scm") in done:
-            continue
+
+    def one(arm: str, model: str, seed: int | None) -> bool:
+        """Run one (arm, model, seed) unless done; False once the deadline has passed."""
+        if (arm, model, seed) in done:
+            return True
         if (time.time() - t_start) / 60 > args.deadline_min:
-            log(f"deadline: {arm} not started", logpath)
-            break
-        rows.append(run_arm(lake, arm, "scm", logpath))
-        write_tables(out, rows)
-    scm_rows = [r for r in rows if r["model"] == "scm"]
-    if scm_rows and not args.no_scm_free:
-        free_arms = args.scm_free_arms
-        if free_arms is None:
-            free_arms = [max(scm_rows, key=mean_gap)["arm"]]
-            log(f"best c-aware arm: {free_arms[0]}; training it scm-free", logpath)
-        for arm in free_arms:
-            if (arm, "scm-free") not in done and (time.time() - t_start) / 60 <= args.deadline_min:
-                rows.append(run_arm(lake, arm, "scm-free", logpath))
-                write_tables(out, rows)
+            log(f"deadline: {arm} {model} seed {seed} not started", logpath)
+            return False
+        rows.append(run_arm(lake, arm, model, logpath, vae_id, seed))
+        write_tables(out, rows, vae_id)
+        return True
+
+    if args.seeds is not None:
+        # replicate training seeds: every arm, both models, seed by seed (a paired design: stop after whole pairs)
+        pairs = [(seed, arm) for seed in args.seeds for arm in args.arms]
+        for seed, arm in pairs:
+            if not (one(arm, "scm", seed) and (args.no_scm_free or one(arm, "scm-free", seed))):
+                break
+    else:
+        # a 4x arm takes ~4x the baseline's time: budget from the measured per-step cost
+        for arm in args.arms:
+            if not one(arm, "scm", None):
+                break
+        scm_rows = [r for r in rows if r["model"] == "scm" and seed_of(r) is None]
+        if scm_rows and not args.no_scm_free:
+            free_arms = args.scm_free_arms
+            if free_arms is None:
+                free_arms = [max(scm_rows, key=mean_gap)["arm"]]
+                log(f"best c-aware arm: {free_arms[0]}; training it scm-free", logpath)
+            for arm in free_arms:
+                one(arm, "scm-free", None)
     log(f"done in {time.time() - t_start:.0f} s", logpath)
     return 0
 

@@ -172,6 +172,28 @@ def vm_hwm_mb(pid: int | str = "self") -> float | None:
     return None
 
 
+def process_cpu_s(pid: int | str = "self") -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far, from /proc/<pid>/stat; None without /proc
+    or once the process is gone. Ray workers are not the driver's children: count them with
+    :func:`machine_busy_cpu_s`."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime (fields 14, 15)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def machine_busy_cpu_s() -> float | None:
+    """CPU seconds all cores of this machine have spent busy since boot (/proc/stat: user, nice, system, irq,
+    softirq, steal); the difference over a run, divided by cores x wall seconds, is the machine's utilisation."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
 def peak_rss_mb(include_children: bool = True) -> float:
     """High-water resident memory of this process (and of its waited-for children), MiB.
 

@@ -11,10 +11,12 @@ per-step noise) comes from its own ``torch.Generator`` seeded with ``seeds[i]``;
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from cpldm_core.configuration import LAKE_NAME, bounds
@@ -259,8 +261,7 @@ class TrainConfig:
     data_cpus: float = 0.5                  # Ray CPUs per latent-reading task (must fit beside the workers)
     gpus_per_worker: float = 0.0
     bf16: bool = True                       # autocast to bfloat16 on GPU (ignored on CPU)
-    shuffle_buffer: int = 256               # per-worker local shuffle buffer (rows), on top of a global shuffle
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0))  # initial weights, data order (a fresh permutation per epoch), noise
     max_failures: int = 2                   # Ray Train FailureConfig: worker-group restarts from the checkpoint
     fail_at_step: int = field(default=-1, metadata=bounds(ge=-1))  # testing: one worker raises once at this step (first attempt only)
     audit_rows: bool = False                # write the latent rows each rank trained on (models/<run>/audit/)
@@ -290,7 +291,7 @@ class TrainConfig:
 #: config, batch 192 = 48 x 4 workers, 30 epochs, bf16 on GPU). The small presets use a larger lr: with
 #: a few hundred steps, 2.5e-5 would barely move the weights.
 TRAIN_PRESETS: dict[str, TrainConfig] = {
-    # tiny/demo: 2 workers x 0.5 CPU leave 1 CPU of a 2-core machine to Ray Data (its shuffle tasks take 1 CPU)
+    # tiny/demo: 2 workers x 0.5 CPU leave 1 CPU of a 2-core machine to Ray Data's latent-reading tasks
     "tiny": TrainConfig(unet_preset="tiny", max_steps=60, batch_size=16, lr=2e-3, warmup_steps=5,
                         cpus_per_worker=0.5, data_cpus=0.25,
                         checkpoint_every=20, val_every=20, val_max_rows=64, val_timesteps=4, compound_tokens=2),
@@ -303,6 +304,51 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
                          checkpoint_every=2000, val_every=1000, val_max_rows=2048, ema_decay=0.9999,
                          compound_tokens=4),
 }
+
+
+# ---------------------------------------------------------------------------------------------------- data order
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """(n_rows,) int64, read-only: the order in which epoch ``epoch`` visits the training rows, a permutation
+    drawn from ``np.random.default_rng([seed, epoch])``: the same for every worker, every attempt and every rerun.
+    Cached (a latent-reading task asks for the same epoch batch after batch)."""
+    perm = np.random.default_rng([int(seed), int(epoch)]).permutation(int(n_rows))
+    perm.flags.writeable = False
+    return perm
+
+
+def global_positions(local_index: np.ndarray, *, rank: int, world: int, batch_size: int, grad_accum: int,
+                     start_step: int) -> np.ndarray:
+    """Positions in the global sample stream of a rank's ``local_index``-th samples (int64 arrays, 0-based).
+
+    The stream is the concatenation of the epochs' permutations. Optimiser step ``k`` consumes positions
+    ``[k * E, (k + 1) * E)`` with ``E = batch_size * world * grad_accum``; within it, micro-batch ``m`` of rank
+    ``r`` is the ``batch_size`` positions starting at ``k * E + (m * world + r) * batch_size``. A rank that starts
+    (or resumes) at step ``start_step`` numbers its samples from there, so what step ``k`` trains on does not
+    depend on restarts, on Ray Data's scheduling or on block sizes."""
+    local_index = np.asarray(local_index, dtype=np.int64)
+    micro, within = np.divmod(local_index, batch_size)
+    step, m = np.divmod(micro, grad_accum)
+    step = step + start_step
+    return step * (batch_size * world * grad_accum) + (m * world + rank) * batch_size + within
+
+
+def stream_rows(positions: np.ndarray, n_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row index into the training table, epoch) of each global stream position: ``epoch = p // n_rows``,
+    ``row = epoch_permutation(n_rows, seed, epoch)[p % n_rows]``. Both int64 arrays shaped like ``positions``."""
+    positions = np.asarray(positions, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, int(n_rows))
+    rows = np.empty_like(positions)
+    for e in np.unique(epochs):
+        hit = epochs == e
+        rows[hit] = epoch_permutation(n_rows, seed, int(e))[offsets[hit]]
+    return rows, epochs
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the torch generator a rank draws step ``step``'s timesteps, noise and dropout from: reseeded per
+    step, so a run restored from a checkpoint draws what the uninterrupted run drew."""
+    return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def ema_decay_at(step: int, decay: float) -> float:

@@ -248,6 +248,9 @@ class IngestConfig:
             a deterministic sample of ``stats_sites`` training sites.
         rows_per_shard: latent rows per Zarr shard (a plate's block is a whole number of shards).
         read_concurrency / num_cpus_read / encode_concurrency / num_gpus / num_cpus_encode / batch_size: Ray resources.
+        fuse_read_encode: read and encode in the same actors (``read_concurrency`` of them, each with
+            ``num_cpus_read + num_cpus_encode`` CPUs) instead of a reader pool feeding an encoder pool: for CPU
+            encoding, where the hand-over between pools costs more than it overlaps (docs/ingest.md). Not with GPUs.
         seed: sampling seed (stats sample).
         max_plane_bytes: largest decoded TIFF plane accepted (bytes, read from the header before decoding);
             larger sites are rejected.
@@ -272,6 +275,7 @@ class IngestConfig:
     num_gpus: float = 0.0
     num_cpus_encode: float = 1.0
     batch_size: int = 16
+    fuse_read_encode: bool = False
     seed: int = 0
     max_plane_bytes: int = field(default=DEFAULT_MAX_PLANE_BYTES, metadata=bounds(ge=1))
 
@@ -280,6 +284,9 @@ class IngestConfig:
             raise ValueError(f"crop_size must be a multiple of 8 (the VAE downsamples 8x), got {self.crop_size}")
         if self.rows_per_shard < 1 or self.batch_size < 1:
             raise ValueError("rows_per_shard and batch_size must be >= 1")
+        if self.fuse_read_encode and self.num_gpus:
+            raise ValueError("fuse_read_encode is for CPU encoding: with num_gpus > 0 keep CPU readers feeding "
+                             "GPU encoders (fuse_read_encode=false)")
 
 
 INGEST_PRESETS: dict[str, IngestConfig] = {

@@ -145,7 +145,21 @@ def up_local(port: int = DEFAULT_PORT, dashboard_port: int = DEFAULT_DASHBOARD_P
         raise UserError(f"ray start failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     (Path(temp_dir) / STATE_FILE).write_text(json.dumps(asdict(head), indent=2))
     wait_for_job_server(head, timeout_s=timeout_s)
+    wait_for_job_agent(head, agent_port, timeout_s=timeout_s)
     return head
+
+
+def wait_for_job_agent(head: LocalHead, agent_port: int, timeout_s: float = 120.0) -> None:
+    """Block until the head node's dashboard agent listens on ``agent_port``. The job server hands every
+    submission to that agent and gives up after 10 s without one ("No available agent to submit job"): on a
+    busy machine the agent can start later than that after the job server answers (seen in a test run). The agent
+    registers itself with the GCS right after its HTTP server is up, which is what this waits for."""
+    deadline = time.monotonic() + timeout_s
+    while not _port_open(agent_port):
+        if time.monotonic() > deadline:
+            raise UserError(f"the head's dashboard agent (port {agent_port}) did not start within {timeout_s:.0f} s; "
+                            f"jobs cannot be submitted; logs: {head.temp_dir}/session_latest/logs/dashboard_agent.log")
+        time.sleep(0.5)
 
 
 def wait_for_job_server(head: LocalHead, timeout_s: float = 120.0) -> None:

@@ -55,7 +55,7 @@ STAGE_PREFIX = "ingest"
 CACHE_UNIT = "_cache"
 #: Config keys that only choose resources: they may change between a run and its resumption.
 RESOURCE_KEYS = ("read_concurrency", "num_cpus_read", "encode_concurrency", "num_gpus", "num_cpus_encode", "batch_size",
-                 "max_plane_bytes")
+                 "max_plane_bytes", "fuse_read_encode")
 VAE_WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 #: A model-hub id (``owner/name``): the only form of ``--vae`` that may reach the network.
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -248,6 +248,18 @@ class Encoder:
             lat[ok] = z.float().cpu().numpy().astype(np.float16)
         batch["latent"] = lat
         return batch
+
+
+class ReadEncoder:
+    """A :class:`SiteReader` and an :class:`Encoder` in one actor (``fuse_read_encode``): sites in, latents out,
+    with no hand-over of crops between actor pools. Same rows as ``Encoder(SiteReader(batch))``."""
+
+    def __init__(self, reader: dict, encoder: dict):
+        self.reader = SiteReader(**reader)
+        self.encoder = Encoder(**encoder)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.encoder(self.reader(batch))
 
 
 # ---------------------------------------------------------------------------------------------- plan and write
@@ -477,6 +489,29 @@ def create_cache(lake, config: im.IngestConfig, source: dict, groups, per_site: 
     return norm
 
 
+#: upper bound on the number of input blocks (one driver-side list of site records is split into them)
+MAX_INPUT_BLOCKS = 20_000
+
+
+#: reader batches (``batch_size // crops per site`` sites each) per input block
+BATCHES_PER_BLOCK = 4
+
+
+def input_blocks(n_sites: int, config: im.IngestConfig, per_site: int) -> int:
+    """How many blocks the site list is cut into: :data:`BATCHES_PER_BLOCK` reader batches per block, at least
+    4 blocks per reader, at most :data:`MAX_INPUT_BLOCKS`.
+
+    A block is the unit a reader hands on. With only 4 blocks per reader (the former rule) 5,000 sites made 8
+    blocks of 625 sites (~25 CPU-s of reading each): the encoders idled until the first block was read and the
+    readers while the last ones were encoded. One reader batch per block (16 sites) was slower still: 313
+    blocks, and the per-block cost (task hand-over, batch conversion, the driver's scheduling) took more than
+    the bubbles gave back (benchmarks/bench_scale.py; docs/ingest.md). The output does not depend on the block
+    count: rows are placed by catalog order."""
+    per_block = BATCHES_PER_BLOCK * max(1, config.batch_size // max(1, per_site))
+    wanted = max(4 * config.read_concurrency, -(-n_sites // per_block))
+    return max(1, min(n_sites, wanted, MAX_INPUT_BLOCKS))
+
+
 def encode_plates(ray, lake, config: im.IngestConfig, source: dict, groups, per_site: int, norm: im.Normalisation,
                   plan: pd.DataFrame, sites: pd.DataFrame, todo_units: list[str]) -> None:
     """The Ray Data pipeline over the sites of ``todo_units``: read -> encode -> one write task per plate."""
@@ -494,17 +529,26 @@ def encode_plates(ray, lake, config: im.IngestConfig, source: dict, groups, per_
     # a sort-based shuffle needs no aggregator actors: the CPUs stay with the readers and encoders
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * config.read_concurrency)))
-        ds = ds.map_batches(SiteReader, fn_constructor_kwargs=dict(
-            endpoint_url=lake.endpoint_url, illumination=config.illumination, normalisation=norm.to_dict(),
-            crop_mode=config.crop_mode, crop_size=config.crop_size, tile_grid=config.tile_grid,
-            max_plane_bytes=config.max_plane_bytes),
-            compute=ray.data.ActorPoolStrategy(size=config.read_concurrency), num_cpus=config.num_cpus_read,
-            batch_size=max(1, config.batch_size // per_site), batch_format="numpy")
-        ds = ds.map_batches(Encoder, fn_constructor_kwargs=dict(
-            lake=lake, source=source, groups=groups, num_threads=max(1, int(config.num_cpus_encode))),
-            compute=ray.data.ActorPoolStrategy(size=config.encode_concurrency), num_gpus=config.num_gpus or None,
-            num_cpus=config.num_cpus_encode, batch_size=config.batch_size, batch_format="numpy")
+        reader = dict(endpoint_url=lake.endpoint_url, illumination=config.illumination, normalisation=norm.to_dict(),
+                      crop_mode=config.crop_mode, crop_size=config.crop_size, tile_grid=config.tile_grid,
+                      max_plane_bytes=config.max_plane_bytes)
+        encoder = dict(lake=lake, source=source, groups=groups, num_threads=max(1, int(config.num_cpus_encode)))
+        sites_per_batch = max(1, config.batch_size // per_site)
+        ds = ray.data.from_items(items, override_num_blocks=input_blocks(len(items), config, per_site))
+        if config.fuse_read_encode:
+            cpus = config.num_cpus_read + config.num_cpus_encode
+            ds = ds.map_batches(ReadEncoder, fn_constructor_kwargs=dict(
+                reader=reader, encoder=encoder | {"num_threads": max(1, int(cpus))}),
+                compute=ray.data.ActorPoolStrategy(size=config.read_concurrency), num_cpus=cpus,
+                batch_size=sites_per_batch, batch_format="numpy")
+        else:
+            ds = ds.map_batches(SiteReader, fn_constructor_kwargs=reader,
+                                compute=ray.data.ActorPoolStrategy(size=config.read_concurrency),
+                                num_cpus=config.num_cpus_read, batch_size=sites_per_batch, batch_format="numpy")
+            ds = ds.map_batches(Encoder, fn_constructor_kwargs=encoder,
+                                compute=ray.data.ActorPoolStrategy(size=config.encode_concurrency),
+                                num_gpus=config.num_gpus or None, num_cpus=config.num_cpus_encode,
+                                batch_size=config.batch_size, batch_format="numpy")
         ds = ds.groupby("unit", num_partitions=len(todo_units)).map_groups(
             write_unit, batch_format="numpy", num_cpus=0.5, fn_kwargs=dict(
                 lake=lake, vae_id=vae_id, plan=plan_map, sites_meta=sites_meta, config=cfg_dict))

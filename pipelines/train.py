@@ -5,8 +5,12 @@ Recipe (read top to bottom):
    compounds in *train* batches (held-out batches of seen compounds become the validation set; unseen compounds
    never reach a worker); rows lacking an embedding go to ``rejects``;
 2. fit the confounder vocabularies on the training rows; write ``models/<run>/config.json`` + ``vocab.json``;
-3. stream the latent rows through Ray Data (global shuffle of the row index per epoch, latents read from the
-   Zarr cache in ``map_batches``, one ``streaming_split`` shard per worker, a local shuffle buffer);
+3. each worker streams its own samples through Ray Data: the sample stream is the concatenation of seeded
+   per-epoch permutations of the training rows, and step ``k`` of rank ``r`` takes fixed positions of it
+   (:func:`cpldm_core.diffusion.global_positions`); ``map_batches`` tasks map positions to rows and read the
+   latents from the Zarr cache, in order (``preserve_order``). What a step trains on, and the noise it draws
+   (a generator reseeded per step), depend only on the seed and the step: a rerun, or a run restored from a
+   checkpoint after a failure, computes the same weights as an uninterrupted one;
 4. a Ray Train ``TorchTrainer`` (DDP: gloo on CPU, NCCL on GPU) runs :func:`train_loop_per_worker`: AdamW,
    v-prediction loss, optional EMA, bf16 autocast on GPU, gradient accumulation; every ``checkpoint_every``
    steps rank 0 writes the history since the last checkpoint and a checkpoint (model, optimiser, EMA, step);
@@ -255,6 +259,38 @@ def read_model_card(lake, run: str) -> ModelCard:
     return read_artifact(lake, ModelCard, run)
 
 
+_TRAIN_TABLES: dict[str, pa.Table] = {}   # per Ray worker process: the training table of the current run
+
+
+def read_stream_rows(batch: dict[str, np.ndarray], train_ref, lake, zarr_rel: str, seed: int, rank: int,
+                     world: int, batch_size: int, grad_accum: int, start_step: int) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` fn of one rank's sample stream: its local sample numbers (``id``, from
+    ``ray.data.range``) -> global stream positions -> training rows (seeded per-epoch permutations) -> the
+    :func:`read_latent_rows` columns.
+
+    ``train_ref``: ObjectRef of the training table (Metadata_LatentRow, compound_idx, confounders), fetched once
+    per worker process."""
+    import ray
+
+    from cpldm_core.diffusion import global_positions, stream_rows
+
+    key = train_ref.hex()
+    if key not in _TRAIN_TABLES:
+        _TRAIN_TABLES.clear()
+        _TRAIN_TABLES[key] = ray.get(train_ref)
+    table = _TRAIN_TABLES[key]
+    positions = global_positions(batch["id"], rank=rank, world=world, batch_size=batch_size,
+                                 grad_accum=grad_accum, start_step=start_step)
+    rows, _ = stream_rows(positions, table.num_rows, seed)
+    picked = table.take(pa.array(rows))
+    confounders = picked.column("confounders").combine_chunks()
+    out = read_latent_rows({"Metadata_LatentRow": picked.column("Metadata_LatentRow").to_numpy(),
+                            "compound_idx": picked.column("compound_idx").to_numpy(),
+                            "confounders": confounders.flatten().to_numpy().reshape(len(rows), -1)},
+                           lake, zarr_rel)
+    return out
+
+
 def read_latent_rows(batch: dict[str, np.ndarray], lake, zarr_rel: str) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` fn: add ``latents`` (b, 8, h, w) float32 read from the Zarr cache by row."""
     import zarr
@@ -325,7 +361,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
 
     from cpldm_core.denoiser import ConfounderAwareDenoiser, ConfounderVocab
-    from cpldm_core.diffusion import ema_decay_at, lr_at, make_scheduler, v_prediction_loss
+    from cpldm_core.diffusion import ema_decay_at, lr_at, make_scheduler, step_seed, v_prediction_loss
 
     cfg: TrainConfig = loop_config["cfg"]
     lake, run = loop_config["lake"], loop_config["run"]
@@ -373,7 +409,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scheduler = make_scheduler("ddpm", cfg.schedule)
     null_codes = [vocab.null_index(k) for k in range(4)]
     use_bf16 = cfg.bf16 and device.type == "cuda"
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + start_step)
+    gen = torch.Generator(device=device)   # reseeded at every step (step_seed)
     val = None
     if rank == 0 and cfg.val_every > 0 and loop_config["val_rows"] is not None:
         v = ray.get(loop_config["val_rows"])
@@ -383,85 +419,92 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "compound_mask": comp_mask[idx].cpu() if comp_mask is not None else None,
                    "confounders": torch.from_numpy(v["confounders"])}
 
-    shard = ray.train.get_dataset_shard("train")
     max_steps = loop_config["max_steps"]
-    step, pending, seen_rows = start_step, [], set()
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.execution_options.preserve_order = True   # the stream's order is the training order
+    data_ctx.enable_progress_bars = False
+    samples = (max_steps - start_step) * cfg.grad_accum * cfg.batch_size
+    # ~1,024 sample numbers per block: a few 1-CPU range tasks instead of Ray Data's default ~200 per rank
+    stream = ray.data.range(samples, override_num_blocks=max(1, min(1000, -(-samples // 1024)))).map_batches(
+        read_stream_rows, batch_size=max(64, cfg.batch_size), batch_format="numpy", num_cpus=cfg.data_cpus,
+        fn_kwargs={"train_ref": loop_config["train_ref"], "lake": lake, "zarr_rel": loop_config["zarr_rel"],
+                   "seed": cfg.seed, "rank": rank, "world": world, "batch_size": cfg.batch_size,
+                   "grad_accum": cfg.grad_accum, "start_step": start_step})
+    step, micro, accum, pending, seen_rows = start_step, 0, 0.0, [], set()
+    steps_samples = cfg.batch_size * world * cfg.grad_accum   # stream positions one optimiser step consumes
     t_last = time.perf_counter()
-    while step < max_steps:
-        micro, accum = 0, 0.0
-        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                                              local_shuffle_seed=cfg.seed + epoch * 101 + rank,
-                                              device=device):
-            if cfg.audit_rows:
-                seen_rows.update(batch["Metadata_LatentRow"].tolist())
-            idx = batch["compound_idx"].long()
-            compound = comp_table[idx]
-            cmask = comp_mask[idx] if comp_mask is not None else None
-            micro += 1
-            last_micro = micro % cfg.grad_accum == 0
-            sync = ddp.no_sync() if (world > 1 and not last_micro) else _null_context()
-            with sync, torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = v_prediction_loss(ddp, batch["latents"].float(), compound, cmask,
-                                         batch["confounders"].long() if cfg.model == "scm" else None,
-                                         scheduler=scheduler, cond_dropout=cfg.cond_dropout,
-                                         confounder_dropout=cfg.confounder_dropout if cfg.model == "scm" else 0.0,
-                                         generator=gen, null_codes=null_codes, snr_gamma=cfg.snr_gamma)
-                (loss / cfg.grad_accum).backward()
-            accum += float(loss.detach()) / cfg.grad_accum
-            if not last_micro:
-                continue
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.parameters()), list(core.parameters()),
-                                         1.0 - ema_decay_at(step, cfg.ema_decay))
-            step += 1
-            now = time.perf_counter()
-            sps = cfg.batch_size * cfg.grad_accum / max(now - t_last, 1e-9)
-            t_last = now
-            loss_t = torch.tensor([accum], device=device)
-            if world > 1:   # log the loss of the whole global batch, not rank 0's share
-                torch.distributed.all_reduce(loss_t)
-                loss_t /= world
-            pending.append({"step": step, "epoch": epoch, "split": "train", "loss": float(loss_t),
-                            "samples_per_s": sps})
-            accum = 0.0
-            if step == cfg.fail_at_step and restored_from is None and rank == world - 1:
-                raise RuntimeError(f"injected failure at step {step} (fail_at_step, first attempt only)")
-            if val is not None and step % cfg.val_every == 0:
-                pending.append({"step": step, "epoch": epoch, "split": "val", "samples_per_s": None,
-                                "loss": _validation_loss(ema if ema is not None else core, val, scheduler, cfg,
-                                                         device)})
-            if step % cfg.checkpoint_every == 0 or step == max_steps:
-                metrics = {"step": step, "epoch": epoch, "loss": pending[-1]["loss"] if pending else float("nan"),
-                           "restored_from": -1 if restored_from is None else restored_from}
-                if rank == 0:
-                    _history_part(lake, run, pending)
-                    if step == max_steps:
-                        _export_final(lake, run, ema if ema is not None else core)
-                    with tempfile.TemporaryDirectory() as tmp:
-                        torch.save({"model": core.state_dict(), "optimizer": opt.state_dict(),
-                                    "ema": ema.state_dict() if ema is not None else None, "step": step,
-                                    "epoch": epoch, "config": config_to_dict(cfg), "vocab": vocab.to_dict()},
-                                   Path(tmp) / CHECKPOINT_FILE)
-                        (Path(tmp) / "config.json").write_text(json.dumps(core.config_dict(), default=list))
-                        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab.to_dict()))
-                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-                else:
-                    ray.train.report(metrics)
-                pending = []
-            if step >= max_steps:
-                break
+    for batch in stream.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device):
         if micro == 0:
-            raise RuntimeError(f"rank {rank}: the training shard yielded no batch of {cfg.batch_size}")
-        if step < max_steps:
-            epoch += 1   # a full pass over the shard; the next pass re-shuffles
+            gen.manual_seed(step_seed(cfg.seed, rank, step))
+        if cfg.audit_rows:
+            seen_rows.update(batch["Metadata_LatentRow"].tolist())
+        epoch = step * steps_samples // loop_config["train_rows"]   # epoch of the step's first sample (host side)
+        idx = batch["compound_idx"].long()
+        compound = comp_table[idx]
+        cmask = comp_mask[idx] if comp_mask is not None else None
+        micro += 1
+        last_micro = micro == cfg.grad_accum
+        sync = ddp.no_sync() if (world > 1 and not last_micro) else _null_context()
+        with sync, torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = v_prediction_loss(ddp, batch["latents"].float(), compound, cmask,
+                                     batch["confounders"].long() if cfg.model == "scm" else None,
+                                     scheduler=scheduler, cond_dropout=cfg.cond_dropout,
+                                     confounder_dropout=cfg.confounder_dropout if cfg.model == "scm" else 0.0,
+                                     generator=gen, null_codes=null_codes, snr_gamma=cfg.snr_gamma)
+            (loss / cfg.grad_accum).backward()
+        accum += float(loss.detach()) / cfg.grad_accum
+        if not last_micro:
+            continue
+        micro = 0
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(core.parameters()),
+                                     1.0 - ema_decay_at(step, cfg.ema_decay))
+        step += 1
+        now = time.perf_counter()
+        sps = cfg.batch_size * cfg.grad_accum / max(now - t_last, 1e-9)
+        t_last = now
+        loss_t = torch.tensor([accum], device=device)
+        if world > 1:   # log the loss of the whole global batch, not rank 0's share
+            torch.distributed.all_reduce(loss_t)
+            loss_t /= world
+        pending.append({"step": step, "epoch": epoch, "split": "train", "loss": float(loss_t),
+                        "samples_per_s": sps})
+        accum = 0.0
+        if step == cfg.fail_at_step and restored_from is None and rank == world - 1:
+            raise RuntimeError(f"injected failure at step {step} (fail_at_step, first attempt only)")
+        if val is not None and step % cfg.val_every == 0:
+            pending.append({"step": step, "epoch": epoch, "split": "val", "samples_per_s": None,
+                            "loss": _validation_loss(ema if ema is not None else core, val, scheduler, cfg,
+                                                     device)})
+        if step % cfg.checkpoint_every == 0 or step == max_steps:
+            metrics = {"step": step, "epoch": epoch, "loss": pending[-1]["loss"] if pending else float("nan"),
+                       "restored_from": -1 if restored_from is None else restored_from}
+            if rank == 0:
+                _history_part(lake, run, pending)
+                if step == max_steps:
+                    _export_final(lake, run, ema if ema is not None else core)
+                with tempfile.TemporaryDirectory() as tmp:
+                    torch.save({"model": core.state_dict(), "optimizer": opt.state_dict(),
+                                "ema": ema.state_dict() if ema is not None else None, "step": step,
+                                "epoch": epoch, "config": config_to_dict(cfg), "vocab": vocab.to_dict()},
+                               Path(tmp) / CHECKPOINT_FILE)
+                    (Path(tmp) / "config.json").write_text(json.dumps(core.config_dict(), default=list))
+                    (Path(tmp) / "vocab.json").write_text(json.dumps(vocab.to_dict()))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+            pending = []
+        if step >= max_steps:
+            break
+    if step < max_steps:
+        raise RuntimeError(f"rank {rank}: the sample stream ended at step {step} of {max_steps}")
     if cfg.audit_rows:
         lake.write_json(f"{run_dir(run)}/audit/rank-{rank}.json",
                         {"rank": rank, "restored_from": restored_from, "rows": sorted(seen_rows)})
@@ -511,11 +554,12 @@ def run(lake, config: TrainConfig, run: str | None = None, resume: bool = False)
 
     ray = ensure_ray()
     free_cpus = ray.cluster_resources().get("CPU", 0) - cfg.workers * cfg.cpus_per_worker
-    if free_cpus < 1:
-        # Ray Data's shuffle tasks need a whole CPU beside the training workers, otherwise the run stalls
+    if free_cpus < max(1.0, cfg.data_cpus):
+        # each worker's sample stream starts with `ray.data.range` read tasks of 1 CPU (Ray Data does not fuse
+        # them into the data_cpus map tasks), then its latent-reading tasks: without that CPU the run stalls
         raise UserError(f"{cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU leave {free_cpus:g} of the cluster's "
-                        f"{ray.cluster_resources().get('CPU', 0):g} CPUs for Ray Data (needs >= 1); lower "
-                        "--workers or --cpus-per-worker")
+                        f"{ray.cluster_resources().get('CPU', 0):g} CPUs for Ray Data (needs "
+                        f"max(1, data_cpus={cfg.data_cpus:g})); lower --workers or --cpus-per-worker")
     data = prepare_data(lake, cfg, run)
     planned = model_card(run, cfg, data)
     if stored is not None and stored.fingerprint != planned.fingerprint:
@@ -545,10 +589,8 @@ def run(lake, config: TrainConfig, run: str | None = None, resume: bool = False)
                      part="support", partition={"model": run})
 
     zarr_rel = latents_rel(data.vae_id)
-    train_ds = (ray.data.from_arrow(data.train)
-                .random_shuffle()   # re-executed every epoch: a fresh permutation of the row index each time
-                .map_batches(read_latent_rows, fn_kwargs={"lake": lake, "zarr_rel": zarr_rel}, batch_size=64,
-                             batch_format="numpy", num_cpus=cfg.data_cpus))
+    # each worker builds its own sample stream from this table (read_stream_rows): nothing to split here
+    train_ref = ray.put(data.train.select(["Metadata_LatentRow", "compound_idx", "confounders"]))
     val_ref = None
     if data.val.num_rows and cfg.val_every > 0:
         val_ref = ray.put(read_latent_rows({k: data.val.column(k).to_numpy(zero_copy_only=False)
@@ -565,12 +607,12 @@ def run(lake, config: TrainConfig, run: str | None = None, resume: bool = False)
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "lake": lake, "run": run, "vocab": data.vocab.to_dict(),
                            "compounds_ref": compounds_ref, "val_rows": val_ref, "metadata": metadata,
-                           "max_steps": max_steps},
+                           "max_steps": max_steps, "train_ref": train_ref, "train_rows": data.train.num_rows,
+                           "zarr_rel": zarr_rel},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        datasets={"train": train_ds},
         run_config=RunConfig(name=run, storage_path=lake.fs_path(MODELS_DIR), storage_filesystem=lake.arrow_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),

@@ -199,3 +199,36 @@ def test_ema_warm_up_forgets_the_initial_weights_of_a_short_run():
     assert fixed == pytest.approx(0.999 ** 960) and fixed > 0.3
     assert warmed < 1e-3
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
+
+
+def test_sample_stream_positions_against_a_naive_enumeration():
+    """global_positions/stream_rows against an explicit loop over steps, micro-batches and ranks: the ranks'
+    samples tile the stream exactly once, every epoch visits every row once, and a rank resumed at a later step
+    continues the sequence an uninterrupted rank follows."""
+    from cpldm_core.diffusion import global_positions, stream_rows
+
+    n_rows, batch, world, accum, steps, seed = 23, 4, 3, 2, 9, 7
+    naive = {r: [] for r in range(world)}   # rank -> global positions in the order the rank consumes them
+    p = 0
+    for _step in range(steps):
+        for _m in range(accum):
+            for r in range(world):
+                naive[r] += list(range(p, p + batch))
+                p += batch
+    for r in range(world):
+        local = np.arange(steps * accum * batch)
+        got = global_positions(local, rank=r, world=world, batch_size=batch, grad_accum=accum, start_step=0)
+        assert got.tolist() == naive[r]
+        resumed = global_positions(np.arange((steps - 5) * accum * batch), rank=r, world=world, batch_size=batch,
+                                   grad_accum=accum, start_step=5)
+        assert resumed.tolist() == naive[r][5 * accum * batch:]
+    every = np.sort(np.concatenate([np.asarray(v) for v in naive.values()]))
+    assert every.tolist() == list(range(steps * accum * batch * world))
+    rows, epochs = stream_rows(every, n_rows, seed)
+    assert epochs.tolist() == [q // n_rows for q in every]
+    for e in range(int(epochs.max())):             # complete epochs: a permutation of the rows each
+        assert sorted(rows[epochs == e].tolist()) == list(range(n_rows))
+    assert not np.array_equal(rows[epochs == 0], rows[epochs == 1])   # and a fresh one each time
+    again, _ = stream_rows(every[::-1].copy(), n_rows, seed)           # position -> row does not depend on
+    assert again[::-1].tolist() == rows.tolist()                       # which batch asks for it
+    assert stream_rows(every, n_rows, seed + 1)[0].tolist() != rows.tolist()

@@ -222,7 +222,8 @@ def test_ingest_killed_and_concurrent_runs_give_identical_output(local_lake, ray
     finally:
         other.kill()
         other.wait()
-    resumed = ingest.run(local_lake, ingest_config(vae_id="b"))   # the other run died: its plate is taken over
+    # the other run died: its plate is taken over, this time read and encoded in fused actors (same bytes)
+    resumed = ingest.run(local_lake, ingest_config(vae_id="b", fuse_read_encode=True))
     assert (resumed["units_written"], resumed["units_busy"], resumed["units_committed"]) == (1, 0, a["units"])
     assert {u: local_lake.unit_info("ingest-b", u)["time"] for u in stamps} == stamps   # no plate done twice
     za, zb = ingest.open_latents(local_lake, "a", mode="r")[:], ingest.open_latents(local_lake, "b", mode="r")[:]
@@ -242,6 +243,8 @@ def test_ingest_killed_and_concurrent_runs_give_identical_output(local_lake, ray
     assert cache.inputs["vae"].id == "tinyvae" and cache.latent_shape == (8, CROP // 8, CROP // 8)
     assert list(cache.normalisation_low) == ingest.read_normalisation(local_lake, "b").to_dict()["low"]
     assert cache.resources["batch_size"] == 4 and "batch_size" not in cache.config
+    with pytest.raises(ValueError, match="fuse_read_encode is for CPU encoding"):
+        ingest_config(fuse_read_encode=True, num_gpus=1.0)
     # a changed science field is refused (naming it) instead of silently mixing caches
     from cpldm_core.errors import UserError
     with pytest.raises(UserError, match=r"another config.*\(config.high_percentile, high_percentile differ\)"):
