@@ -144,8 +144,12 @@ def up_local(port: int = DEFAULT_PORT, dashboard_port: int = DEFAULT_DASHBOARD_P
         stop_processes(temp_dir)  # whatever half-started
         raise UserError(f"ray start failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     (Path(temp_dir) / STATE_FILE).write_text(json.dumps(asdict(head), indent=2))
-    wait_for_job_server(head, timeout_s=timeout_s)
-    wait_for_job_agent(head, agent_port, timeout_s=timeout_s)
+    try:
+        wait_for_job_server(head, timeout_s=timeout_s)
+        wait_for_job_agent(head, agent_port, timeout_s=timeout_s)
+    except UserError:
+        stop_processes(temp_dir)   # a head that cannot take jobs is of no use: do not leave it running
+        raise
     return head
 
 
