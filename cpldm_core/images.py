@@ -249,8 +249,9 @@ class IngestConfig:
         rows_per_shard: latent rows per Zarr shard (a plate's block is a whole number of shards).
         read_concurrency / num_cpus_read / encode_concurrency / num_gpus / num_cpus_encode / batch_size: Ray resources.
         fuse_read_encode: read and encode in the same actors (``read_concurrency`` of them, each with
-            ``num_cpus_read + num_cpus_encode`` CPUs) instead of a reader pool feeding an encoder pool: for CPU
-            encoding, where the hand-over between pools costs more than it overlaps (docs/ingest.md). Not with GPUs.
+            ``num_cpus_read + num_cpus_encode`` CPUs) instead of a reader pool feeding an encoder pool, for CPU
+            encoding. Measured on 2 cores: 1.10x a plain loop vs 1.08x for the pools, within the run-to-run
+            spread (docs/benchmarks.md). Not with GPUs.
         seed: sampling seed (stats sample).
         max_plane_bytes: largest decoded TIFF plane accepted (bytes, read from the header before decoding);
             larger sites are rejected.

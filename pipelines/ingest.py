@@ -505,7 +505,7 @@ def input_blocks(n_sites: int, config: im.IngestConfig, per_site: int) -> int:
     blocks of 625 sites (~25 CPU-s of reading each): the encoders idled until the first block was read and the
     readers while the last ones were encoded. One reader batch per block (16 sites) was slower still: 313
     blocks, and the per-block cost (task hand-over, batch conversion, the driver's scheduling) took more than
-    the bubbles gave back (benchmarks/bench_scale.py; docs/ingest.md). The output does not depend on the block
+    the bubbles gave back (benchmarks/bench_scale.py; docs/benchmarks.md). The output does not depend on the block
     count: rows are placed by catalog order."""
     per_block = BATCHES_PER_BLOCK * max(1, config.batch_size // max(1, per_site))
     wanted = max(4 * config.read_concurrency, -(-n_sites // per_block))
