@@ -434,11 +434,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps_samples = cfg.batch_size * world * cfg.grad_accum   # stream positions one optimiser step consumes
     t_last = time.perf_counter()
     for batch in stream.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device):
-        if micro == 0:
+        if micro == 0:   # a step's first micro-batch: its noise seed and its epoch (of its first sample)
             gen.manual_seed(step_seed(cfg.seed, rank, step))
+            epoch = step * steps_samples // loop_config["train_rows"]
         if cfg.audit_rows:
             seen_rows.update(batch["Metadata_LatentRow"].tolist())
-        epoch = step * steps_samples // loop_config["train_rows"]   # epoch of the step's first sample (host side)
         idx = batch["compound_idx"].long()
         compound = comp_table[idx]
         cmask = comp_mask[idx] if comp_mask is not None else None
