@@ -36,10 +36,13 @@ WATCH_INTERVAL_S = 0.2
 #: Seconds the watchdog gives the cluster's processes to exit on SIGTERM before SIGKILL.
 WATCH_GRACE_S = 2.0
 #: Seconds the watchdog keeps sweeping for processes of the cluster that started while it stopped the others.
-WATCH_SWEEP_S = 20.0
+WATCH_SWEEP_S = 40.0
 #: Seconds it sweeps at least, even when it finds nothing: an agent started late by a dying raylet once
-#: appeared after two empty passes (tests/test_security.py, on a loaded 2-core machine).
-WATCH_MIN_SWEEP_S = 5.0
+#: appeared after two empty passes, and a DashboardAgent once outlived a 20 s sweep (tests/test_security.py, on a
+#: loaded 2-core machine). The sweep runs in the background after the driver died: its length costs users nothing.
+WATCH_MIN_SWEEP_S = 10.0
+#: What the watchdog did, pass by pass, in the session's log directory (for a cluster that outlived its driver).
+WATCH_LOG = "cpldm_watchdog.log"
 #: The watchdog of this process's local cluster (its stdin pipe carries the session directory).
 _WATCHDOG: subprocess.Popen | None = None
 
@@ -185,16 +188,44 @@ def watch(driver_pid: int, token: str) -> int:
             time.sleep(WATCH_INTERVAL_S)
     start = time.monotonic()
     empty_passes = 0
+    log_path = os.path.join(session, "logs", WATCH_LOG) if session else None
     while True:
         # sweep until three passes a second apart find nothing (by token or by session directory), and for at
         # least WATCH_MIN_SWEEP_S: a raylet stopped after its agents may start a new agent in between
-        found = tuple(set(owned_processes(token)) | set(head_processes(session) if session else ()))
-        left = stop_processes("", grace_s=WATCH_GRACE_S, extra=found)
+        elapsed = time.monotonic() - start
+        try:
+            found = sorted(set(owned_processes(token)) | set(head_processes(session) if session else ()))
+            names = [_process_name(pid) for pid in found]
+            left = stop_processes("", grace_s=WATCH_GRACE_S, extra=tuple(found))
+            _watch_log(log_path, f"{elapsed:6.1f}s stopped {list(zip(found, names))}, {left} survived SIGKILL")
+        except (OSError, subprocess.SubprocessError) as exc:  # one failed pass (ps under load) must not end the sweep
+            found, left = [None], 0
+            _watch_log(log_path, f"{elapsed:6.1f}s pass failed: {exc!r}")
         empty_passes = 0 if found else empty_passes + 1
         elapsed = time.monotonic() - start
         if (empty_passes >= 3 and elapsed >= WATCH_MIN_SWEEP_S) or elapsed > WATCH_SWEEP_S:
             return left
         time.sleep(1.0 if not found else WATCH_INTERVAL_S)
+
+
+def _process_name(pid: int) -> str:
+    """The first 40 characters of a process's command line ('' once it is gone): for the watchdog's log."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read(40).replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _watch_log(path: str | None, line: str) -> None:
+    """Append one line to the watchdog's log (best effort: the session directory may be gone)."""
+    if path is None:
+        return
+    try:
+        with open(path, "a") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

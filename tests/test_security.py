@@ -2,6 +2,7 @@
 cannot leave the lake, and unfinished writes are never data. Each test reproduces a finding of the issue."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
+from pipelines.ray_runtime import WATCH_LOG, WATCH_SWEEP_S
 
 
 def _cli(lake, *argv):
@@ -415,11 +417,20 @@ def _processes_of(ray_tmp: str) -> dict[int, str]:
     return found
 
 
+def _process_status(pid: int) -> str:
+    """State and parent of a process, from /proc/<pid>/status ('gone' once it is)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return " ".join(line.strip() for line in fh if line.startswith(("State:", "PPid:")))
+    except OSError:
+        return "gone"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the processes")
 def test_a_killed_driver_leaves_no_ray_process(ray_cluster, tmp_path):
-    """`cpldm simulate` is SIGKILLed while its local Ray runs tasks: within 30 s no process of its cluster is
-    left (before, DashboardAgent and RuntimeEnvAgent lived on, and workers finished their plates), and the
+    """`cpldm simulate` is SIGKILLed while its local Ray runs tasks: within the watchdog's sweep no process of its
+    cluster is left (before, DashboardAgent and RuntimeEnvAgent lived on, and workers finished their plates), and the
     test session's own cluster, started the same way, is untouched."""
     import shutil
     import signal
@@ -446,10 +457,14 @@ def test_a_killed_driver_leaves_no_ray_process(ray_cluster, tmp_path):
         seen = _processes_of(ray_tmp)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-        deadline = time.monotonic() + 30   # the watchdog sweeps for up to 20 s (ray_runtime.WATCH_SWEEP_S)
+        killed_at = time.monotonic()
+        deadline = killed_at + WATCH_SWEEP_S + 20   # the watchdog sweeps for up to WATCH_SWEEP_S
         while _processes_of(ray_tmp) and time.monotonic() < deadline:
             time.sleep(0.5)
         left = _processes_of(ray_tmp)
+        # what a failure needs to be understood: each survivor's state and parent, and the watchdog's own log
+        left_details = {pid: _process_status(pid) for pid in left}
+        watchdog_log = "".join(p.read_text() for p in Path(ray_tmp).rglob(WATCH_LOG))
     finally:
         driver.kill()
         driver.wait()
@@ -459,7 +474,8 @@ def test_a_killed_driver_leaves_no_ray_process(ray_cluster, tmp_path):
             except ProcessLookupError:
                 pass
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert not left, left
+    assert not left, (f"{time.monotonic() - killed_at:.0f} s after the kill: {left}; {left_details}; "
+                      f"watchdog log:\n{watchdog_log}")
     # the finder saw the cluster while it ran: its raylet and the raylet's agents (the ones that outlived it)
     assert any("raylet" in a for a in seen.values()) and any("agent" in a.lower() for a in seen.values()), seen
 
