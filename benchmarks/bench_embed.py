@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import resource
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.harness import result_row
 
 FALLBACK_SMILES = ["CS(C)=O", "c1ccccc1Br", "CC[C@H](N)C(=O)O", "OC(=O)c1ccccc1OC(C)=O",
                    "CN1C=NC2=C1C(=O)N(C)C(=O)N2C", "Clc1ccc(cc1)C(c1ccccc1)N1CCN(CC1)CCOCC(=O)O"]
@@ -48,13 +49,8 @@ def load_smiles(n: int) -> tuple[list[str], str]:
     return (FALLBACK_SMILES * reps)[:n], "literal SMILES repeated"
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB -> MiB
-
-
 def row(name: str, n: int, seconds: float, notes: str) -> dict:
-    return {"benchmark": name, "metric": "throughput", "value": n / seconds, "unit": "molecules/s",
-            "peak_mem_mb": peak_mb(), "notes": f"{n} molecules in {seconds:.2f} s; {notes}"}
+    return result_row(name, "throughput", n / seconds, "molecules/s", f"{n} molecules in {seconds:.2f} s; {notes}")
 
 
 def bench_morgan(smiles: list[str], source: str) -> dict:

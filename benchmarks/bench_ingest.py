@@ -10,13 +10,14 @@ import argparse
 import gzip
 import io
 import os
-import resource
 import socket
 import tempfile
 import time
 
 import numpy as np
 import pandas as pd
+
+from benchmarks.harness import result_row
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -27,15 +28,13 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def write_raw_lake(lake, n_sites: int, px: int, plates: int | None = 2, distinct: int | None = None) -> None:
+def write_raw_lake(lake, n_sites: int, px: int, plates: int | None = 2, distinct: int | None = None,
+                   images: list[np.ndarray] | None = None) -> None:
     """JUMP raw layout: ``plates`` plates (None: 384-well plates, as many as needed), 1 site per well, LZW
     uint16 TIFFs, metadata for the catalog. ``distinct``: only that many distinct sites are rendered; site i
     reuses site ``i % distinct``'s bytes (hard-linked on a local lake: 5,000 sites cost no disk), so a scale
-    run's input is written in seconds; the readers still open and decode every file."""
+    run's input is written in seconds; the readers still open and decode every file. ``images``: the distinct
+    sites, each (5, px, px) uint16 (e.g. simulated cells, for profiling); default Poisson noise."""
     import tifffile
 
     rng = np.random.default_rng(0)
@@ -44,6 +43,8 @@ def write_raw_lake(lake, n_sites: int, px: int, plates: int | None = 2, distinct
     if per > 384:
         raise ValueError(f"{per} sites per plate: a 384-well plate holds 384 (pass more plates)")
     distinct = distinct or n_sites
+    if images is not None and len(images) < distinct:
+        raise ValueError(f"{len(images)} images for {distinct} distinct sites")
     first_of: dict[int, list[str]] = {}   # distinct site -> its 5 lake paths
     wells, rows, k = [], [], 0
     for p in range(plates):
@@ -57,7 +58,9 @@ def write_raw_lake(lake, n_sites: int, px: int, plates: int | None = 2, distinct
                        f"r{i // 24 + 1:02d}c{i % 24 + 1:02d}f01p01-ch{j + 1}sk1fk1fl1.tiff")
                 if k < distinct:
                     buf = io.BytesIO()
-                    tifffile.imwrite(buf, rng.poisson(500 * (j + 1), (px, px)).astype(np.uint16), compression="lzw")
+                    plane = (images[k][j] if images is not None else
+                             rng.poisson(500 * (j + 1), (px, px)).astype(np.uint16))
+                    tifffile.imwrite(buf, plane, compression="lzw")
                     lake.write_bytes(rel, buf.getvalue())
                     first_of.setdefault(k, []).append(rel)
                 elif not lake.is_s3:
@@ -119,11 +122,6 @@ def plain_ingest_seconds(lake, reader, recs: list[dict], crop: int, batch: int) 
     return time.perf_counter() - t0
 
 
-def row(benchmark, metric, value, unit, notes) -> dict:
-    return {"benchmark": benchmark, "metric": metric, "value": float(value), "unit": unit,
-            "peak_mem_mb": round(peak_mb(), 1), "notes": notes}
-
-
 def bench_lake(lake, label: str, n_sites: int, px: int, crop: int, quick: bool) -> list[dict]:
     import ray
     from cpldm_core.images import IngestConfig
@@ -147,7 +145,7 @@ def bench_lake(lake, label: str, n_sites: int, px: int, crop: int, quick: bool) 
         batch["unit"] = np.array(["u"] * len(recs[i:i + 8]), dtype=object)
         reader(batch)
     plain = len(recs) / (time.perf_counter() - t)
-    out.append(row(f"read+decode+normalise {label}", "plain loop", plain, "sites/s", note))
+    out.append(result_row(f"read+decode+normalise {label}", "plain loop", plain, "sites/s", note))
     for workers in (1, 2):
         items = [{"order": i, "unit": "u", **r} for i, r in enumerate(recs)]
         t = time.perf_counter()
@@ -156,16 +154,17 @@ def bench_lake(lake, label: str, n_sites: int, px: int, crop: int, quick: bool) 
             num_cpus=0.5, batch_size=8, batch_format="numpy")
         n = sum(len(b["ok"]) for b in ds.iter_batches(batch_format="numpy", batch_size=None))
         rate = n / (time.perf_counter() - t)
-        out.append(row(f"read+decode+normalise {label}", f"ray data, {workers} reader(s)", rate, "sites/s", note))
-        out.append(row(f"read+decode+normalise {label}", f"ray/plain ratio, {workers} reader(s)", rate / plain,
-                       "x", note))
+        out.append(result_row(f"read+decode+normalise {label}", f"ray data, {workers} reader(s)", rate, "sites/s",
+                              note))
+        out.append(result_row(f"read+decode+normalise {label}", f"ray/plain ratio, {workers} reader(s)", rate / plain,
+                              "x", note))
 
     # full ingest vs a plain loop (read -> normalise -> crop -> encode, no Zarr)
     save_vae(lake, "small", "bench-small")
     if not lake.is_s3:
         plain_full = len(recs) / plain_ingest_seconds(lake, reader, recs, crop, batch=1)
-        out.append(row(f"full ingest {label}", "plain loop (1 thread)", plain_full, "sites/s",
-                       note + f", small VAE, {crop}px crops"))
+        out.append(result_row(f"full ingest {label}", "plain loop (1 thread)", plain_full, "sites/s",
+                              note + f", small VAE, {crop}px crops"))
     for workers in ((1,) if quick else (1, 2)):
         cfg = IngestConfig(vae="bench-small", vae_id=f"bench-{workers}", subset="all", crop_size=crop, stats_sites=8,
                            rows_per_shard=32, batch_size=8, read_concurrency=1, num_cpus_read=0.5,
@@ -173,12 +172,12 @@ def bench_lake(lake, label: str, n_sites: int, px: int, crop: int, quick: bool) 
         t = time.perf_counter()
         s = ingest.run(lake, cfg, force=True)
         rate = s["encoded_sites"] / (time.perf_counter() - t)
-        out.append({**row(f"full ingest {label}", f"ray data, {workers} encoder(s)", rate, "sites/s",
-                          note + f", small VAE, {crop}px crops, incl. stats + Zarr + index"),
+        out.append({**result_row(f"full ingest {label}", f"ray data, {workers} encoder(s)", rate, "sites/s",
+                                 note + f", small VAE, {crop}px crops, incl. stats + Zarr + index"),
                     "cost_stage": "ingest", "cost_per": "instance"})
         if model is not None:
-            out.append(row(f"full ingest {label}", f"ray/plain ratio, {workers} encoder(s)", rate / plain_full, "x",
-                           note))
+            out.append(result_row(f"full ingest {label}", f"ray/plain ratio, {workers} encoder(s)",
+                                  rate / plain_full, "x", note))
     return out
 
 
@@ -197,8 +196,9 @@ def bench_gpu_sdxl(quick: bool) -> list[dict]:
         model.encode(x)
     torch.cuda.synchronize()
     rate = n * len(x) / (time.perf_counter() - t)
-    return [{**row("SDXL-sized VAE encode (random weights)", f"crops/s per GPU ({torch.cuda.get_device_name()})", rate,
-                "crops/s", "5-channel 384 px crops, 2 groups, fp16, batch 16"),
+    return [{**result_row("SDXL-sized VAE encode (random weights)",
+                          f"crops/s per GPU ({torch.cuda.get_device_name()})", rate,
+                          "crops/s", "5-channel 384 px crops, 2 groups, fp16, batch 16"),
              "device": "cuda", "cost_stage": "ingest", "cost_per": "gpu"}]
 
 

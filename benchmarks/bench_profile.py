@@ -10,7 +10,6 @@ CellProfiler's reference cost for a JUMP site is ~8 CPU-s.
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 import warnings
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.harness import result_row
 from cpldm_core.features import measure
 from cpldm_core.features.config import DEMO, JUMP
 from cpldm_core.features.segmentation import segment, to_float
@@ -30,15 +30,6 @@ REAL_SITE = SHARED / "pediatric_cancer_atlas_BR00143976_C03_site3"
 #: Opera Phenix channel numbers of that plate (its CellProfiler Image_FileName_Orig* columns).
 REAL_CHANNEL_NUMBERS = {"DNA": 5, "ER": 2, "RNA": 6, "AGP": 3, "Mito": 4}
 CELLPROFILER_CPU_S_PER_SITE = 8.0
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _row(benchmark, metric, value, unit, notes=""):
-    return {"benchmark": benchmark, "metric": metric, "value": float(value), "unit": unit,
-            "peak_mem_mb": round(_peak_mb(), 1), "notes": notes}
 
 
 def _cpu_time(fn, repeats: int = 1, warmup: bool = True) -> float:
@@ -60,24 +51,24 @@ def load_real_site() -> np.ndarray:
 
 def bench_real_site(quick: bool) -> list[dict]:
     if not REAL_SITE.exists():
-        return [_row("real_site", "skipped", float("nan"), "", f"{REAL_SITE} absent")]
+        return [result_row("real_site", "skipped", float("nan"), "", f"{REAL_SITE} absent")]
     raw = load_real_site()
     image = to_float(raw)
     seg = segment(image, JUMP.segmentation)
     ids = np.unique(seg.nuclei)[1:]
-    rows = [_row("real_site_1080", "cells", len(ids), "cells", "JUMP preset segmentation")]
+    rows = [result_row("real_site_1080", "cells", len(ids), "cells", "JUMP preset segmentation")]
     t_seg = _cpu_time(lambda: segment(image, JUMP.segmentation))
     t_feat = _cpu_time(lambda: measure.default_features(image, seg.compartments(), CHANNELS, ids))
     t_all = _cpu_time(lambda: profile_site(raw, JUMP))
     rows += [
-        _row("real_site_1080", "segmentation_cpu_s", t_seg, "CPU-s/site"),
-        _row("real_site_1080", "default_features_cpu_s", t_feat, "CPU-s/site", "354 features x cells"),
-        _row("real_site_1080", "profile_site_cpu_s", t_all, "CPU-s/site",
-             f"segment + default features + QC; CellProfiler ~{CELLPROFILER_CPU_S_PER_SITE} CPU-s"),
-        _row("real_site_1080", "speedup_vs_cellprofiler", CELLPROFILER_CPU_S_PER_SITE / t_all, "x"),
+        result_row("real_site_1080", "segmentation_cpu_s", t_seg, "CPU-s/site"),
+        result_row("real_site_1080", "default_features_cpu_s", t_feat, "CPU-s/site", "354 features x cells"),
+        result_row("real_site_1080", "profile_site_cpu_s", t_all, "CPU-s/site",
+                   f"segment + default features + QC; CellProfiler ~{CELLPROFILER_CPU_S_PER_SITE} CPU-s"),
+        result_row("real_site_1080", "speedup_vs_cellprofiler", CELLPROFILER_CPU_S_PER_SITE / t_all, "x"),
         # what `cpldm cost` prices: JUMP-size sites, one core each (the Ray stage runs one site per core)
-        {**_row("real_site_1080", "throughput per core", 1.0 / t_all, "sites/s",
-                "1 / profile_site_cpu_s: 1080x1080 five-channel JUMP-size site, one core"),
+        {**result_row("real_site_1080", "throughput per core", 1.0 / t_all, "sites/s",
+                      "1 / profile_site_cpu_s: 1080x1080 five-channel JUMP-size site, one core"),
          "cost_stage": "profile", "cost_per": "vcpu"},
     ]
     return rows
@@ -106,12 +97,12 @@ def bench_cp_measure_groups(quick: bool) -> list[dict]:
             else:
                 channels = 1 if name in ("sizeshape", "zernike", "feret") else len(CHANNELS)
             t = _cpu_time(lambda: [fn(cells, image[c]) for c in range(channels)])
-            rows.append(_row("cp_measure_group", f"{name}_cpu_s_per_channel", t / channels, "CPU-s", note))
+            rows.append(result_row("cp_measure_group", f"{name}_cpu_s_per_channel", t / channels, "CPU-s", note))
         pairs = [(0, 1)]
         for name, fn in corr.items():
             kw = {"scale_max": 65535} if name == "costes" else {}
             t = _cpu_time(lambda: [fn(pixels_1=image[a], pixels_2=image[b], masks=cells, **kw) for a, b in pairs])
-            rows.append(_row("cp_measure_group", f"{name}_cpu_s_per_pair", t / len(pairs), "CPU-s", note))
+            rows.append(result_row("cp_measure_group", f"{name}_cpu_s_per_pair", t / len(pairs), "CPU-s", note))
     lp = measure.LabelledPixels(cells, ids)
     levels = measure.quantise_for_texture(image[0])
     vector = {
@@ -121,7 +112,7 @@ def bench_cp_measure_groups(quick: bool) -> list[dict]:
         "pearson": lambda: measure.pearson(lp, image[0], image[1], ids),
     }
     for name, fn in vector.items():
-        rows.append(_row("vectorised_group", f"{name}_cpu_s_per_channel", _cpu_time(fn, 3), "CPU-s", note))
+        rows.append(result_row("vectorised_group", f"{name}_cpu_s_per_channel", _cpu_time(fn, 3), "CPU-s", note))
     return rows
 
 
@@ -178,7 +169,7 @@ def bench_cellprofiler_set(quick: bool) -> list[dict]:
         measure.cellprofiler_features(crop, seg.compartments(), CHANNELS, np.unique(seg.nuclei)[1:])
     for bench, path, load in sites:
         if not path.exists():
-            rows.append(_row(bench, "skipped", float("nan"), "", f"{path} absent"))
+            rows.append(result_row(bench, "skipped", float("nan"), "", f"{path} absent"))
             continue
         raw = load()
         image = to_float(raw)
@@ -186,29 +177,31 @@ def bench_cellprofiler_set(quick: bool) -> list[dict]:
         ids = np.unique(seg.nuclei)[1:]
         comps = seg.compartments()
         note = f"{len(ids)} cells, 5 channels x 3 compartments, 1 thread"
-        rows.append(_row(bench, "cells", len(ids), "cells", "JUMP preset segmentation"
-                         + ("; ER/Mito = RNA/AGP planes" if path == PILOT_SITE else "")))
+        rows.append(result_row(bench, "cells", len(ids), "cells", "JUMP preset segmentation"
+                               + ("; ER/Mito = RNA/AGP planes" if path == PILOT_SITE else "")))
         total = n_total = 0
         for group in measure.CELLPROFILER_GROUPS:
             start = time.process_time()
             got = measure.cellprofiler_features(image, comps, CHANNELS, ids, groups=(group,))
             t = time.process_time() - start
             total, n_total = total + t, n_total + len(got)
-            rows.append(_row(bench, f"cellprofiler_{group}_cpu_s", t, "CPU-s/site", f"{len(got)} features; {note}"))
-        rows.append(_row(bench, "cellprofiler_features", n_total, "features", "per cell"))
-        rows.append(_row(bench, "cellprofiler_measure_cpu_s", total, "CPU-s/site", f"sum of the groups; {note}"))
+            rows.append(result_row(bench, f"cellprofiler_{group}_cpu_s", t, "CPU-s/site",
+                                   f"{len(got)} features; {note}"))
+        rows.append(result_row(bench, "cellprofiler_features", n_total, "features", "per cell"))
+        rows.append(result_row(bench, "cellprofiler_measure_cpu_s", total, "CPU-s/site", f"sum of the groups; {note}"))
         t_site = _cpu_time(lambda: profile_site(raw, CELLPROFILER), warmup=False)
-        rows.append(_row(bench, "cellprofiler_profile_site_cpu_s", t_site, "CPU-s/site",
-                         f"segment + cellprofiler set + QC; CellProfiler ~{CELLPROFILER_CPU_S_PER_SITE} CPU-s"))
-        rows.append(_row(bench, "cellprofiler_vs_cellprofiler_cost", t_site / CELLPROFILER_CPU_S_PER_SITE, "x",
-                         "> 1: slower than CellProfiler"))
+        rows.append(result_row(bench, "cellprofiler_profile_site_cpu_s", t_site, "CPU-s/site",
+                               f"segment + cellprofiler set + QC; CellProfiler ~{CELLPROFILER_CPU_S_PER_SITE} CPU-s"))
+        rows.append(result_row(bench, "cellprofiler_vs_cellprofiler_cost", t_site / CELLPROFILER_CPU_S_PER_SITE, "x",
+                               "> 1: slower than CellProfiler"))
         if quick or path != PILOT_SITE:
             continue
         cost = _cp_measure_site_cost(image, comps)
         for name, t in cost.items():
-            rows.append(_row(bench, f"cp_measure_{name}_cpu_s", t, "CPU-s/site", f"one channel/pair x count; {note}"))
-        rows.append(_row(bench, "cp_measure_full_cpu_s", sum(cost.values()), "CPU-s/site",
-                         f"full set without Costes (~2,955 features); {note}"))
+            rows.append(result_row(bench, f"cp_measure_{name}_cpu_s", t, "CPU-s/site",
+                                   f"one channel/pair x count; {note}"))
+        rows.append(result_row(bench, "cp_measure_full_cpu_s", sum(cost.values()), "CPU-s/site",
+                               f"full set without Costes (~2,955 features); {note}"))
     return rows
 
 
@@ -219,7 +212,8 @@ def bench_small_images(quick: bool) -> list[dict]:
     raws = [simulated_site(20, 6.0, size=160, seed=s) for s in range(4 if quick else 16)]
     t = _cpu_time(lambda: [profile_site(r, DEMO) for r in raws]) / len(raws)
     cells = np.mean([profile_site(r, DEMO).count for r in raws[:2]])
-    return [_row("demo_site_160", "profile_site_cpu_ms", 1000 * t, "CPU-ms/site", f"~{cells:.0f} cells, 354 features")]
+    return [result_row("demo_site_160", "profile_site_cpu_ms", 1000 * t, "CPU-ms/site",
+                       f"~{cells:.0f} cells, 354 features")]
 
 
 def bench_ray(quick: bool) -> list[dict]:
@@ -262,9 +256,9 @@ def bench_ray(quick: bool) -> list[dict]:
             start = time.perf_counter()
             summary = profile.run(lake, cfg, dataset="real")
             wall = time.perf_counter() - start
-            rows.append(_row("ray_profile_run", f"sites_per_s_{workers}_workers", summary["images"] / wall,
-                             "sites/s", f"{n_sites} sites of 160 px, 2-core VM, incl. actor start-up"))
-    rows.append(_row("ray_profile_run", "speedup_2_vs_1_workers", rows[1]["value"] / rows[0]["value"], "x"))
+            rows.append(result_row("ray_profile_run", f"sites_per_s_{workers}_workers", summary["images"] / wall,
+                                   "sites/s", f"{n_sites} sites of 160 px, 2-core VM, incl. actor start-up"))
+    rows.append(result_row("ray_profile_run", "speedup_2_vs_1_workers", rows[1]["value"] / rows[0]["value"], "x"))
     return rows
 
 
@@ -280,7 +274,7 @@ def run(quick: bool, only: list[str] | None = None) -> list[dict]:
         try:
             got = bench(quick)
         except Exception as exc:  # e.g. Ray failing to start on an overloaded machine: keep the other figures
-            got = [_row(bench.__name__, "failed", float("nan"), "", f"{type(exc).__name__}: {exc}"[:200])]
+            got = [result_row(bench.__name__, "failed", float("nan"), "", f"{type(exc).__name__}: {exc}"[:200])]
         rows += got
         print(_markdown(got), flush=True)
     return rows

@@ -1,7 +1,8 @@
-"""Scale (issue 20, items 1-2): ``cpldm ingest`` at 10^3-10^4 sites and ``cpldm generate`` at 10^4-10^5 images,
-as their users run them: every figure comes from the real command line (``cpldm --lake L <stage> ...`` in a
-subprocess that starts its own local Ray cluster), polled for committed units and for the driver's peak memory
-(``VmHWM`` of the ``cpldm`` process itself, from /proc: Ray workers are other processes).
+"""Scale (issue 20, items 1-3): ``cpldm ingest`` at 10^3-10^4 sites and ``cpldm generate`` at 10^4-10^5 images
+(``cpldm profile`` at 2 x 10^4 sites: ``bench_scale_profile``, with this module's :func:`run_cli`), as their users
+run them: every figure comes from the real command line (``cpldm --lake L <stage> ...`` in a subprocess that
+starts its own local Ray cluster), polled for committed units and for the driver's peak memory (``VmHWM`` of the
+``cpldm`` process itself, from /proc: Ray workers are other processes).
 
 Ingest (``parts=("ingest",)``): a JUMP-layout raw lake of ``ingest_sizes`` five-channel ``px`` sites (``distinct``
 rendered, the rest hard-linked: the readers still open and decode every file, from the page cache), random-weight
@@ -55,24 +56,28 @@ def run_cli(lake_dir: Path, args: list[str], stage: str, n_units: int | None = N
 
     ``kill_fraction``: SIGKILL the driver once that share of ``n_units`` is committed (the run is then
     incomplete; its Ray processes are stopped by the driver's watchdog). Returns wall seconds, the driver's
-    peak RSS (MiB), the times (s after start) at which the first and the last unit were seen committed, whether
-    it was killed, its pid and its output."""
+    peak RSS (MiB), the peak of the summed RSS of the driver and every process of its Ray cluster (MiB,
+    :func:`harness.rss_of_env_mb` on the run's own ``RAY_TMPDIR``), the times (s after start) at which the first and the
+    last unit were seen committed, whether it was killed, its pid and its output."""
     from benchmarks import harness
     from pipelines.storage import Lake
 
     cmd = [sys.executable, "-m", "pipelines.cli", "--lake", str(lake_dir), "--verbose", *args]
-    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    # a Ray temp dir of its own: short (socket paths < 108 bytes), and it marks every process of this run
+    ray_tmp = tempfile.mkdtemp(prefix="bs-", dir="/tmp")
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_TMPDIR=ray_tmp)
     lake = Lake(str(lake_dir))
     log_path = lake_dir.parent / f"{stage}.log"
     t0 = time.perf_counter()
     busy0 = harness.machine_busy_cpu_s()
-    hwm, cpu, first, last, done, killed = 0.0, 0.0, None, None, 0, False
+    hwm, cpu, first, last, done, killed, tree = 0.0, 0.0, None, None, 0, False, 0.0
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None:
                 hwm = max(hwm, harness.vm_hwm_mb(proc.pid) or 0.0)
                 cpu = max(cpu, harness.process_cpu_s(proc.pid) or 0.0)
+                tree = max(tree, harness.rss_of_env_mb("RAY_TMPDIR", ray_tmp))
                 count = len(lake.committed_units(stage))
                 now = time.perf_counter() - t0
                 if count > done:
@@ -92,10 +97,14 @@ def run_cli(lake_dir: Path, args: list[str], stage: str, n_units: int | None = N
                 proc.wait()
     wall = time.perf_counter() - t0
     busy = harness.machine_busy_cpu_s()
+    # Ray's session files (the run's output is in its log file), once the driver's watchdog, which logs there, is gone
+    _wait_watchdog_gone(proc.pid, timeout=60.0)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     output = log_path.read_text(errors="replace")
     if not killed and proc.returncode != 0:
         raise RuntimeError(f"cpldm {args[0]} failed (exit {proc.returncode}):\n{output[-3000:]}")
     return {"wall_s": wall, "driver_peak_mb": hwm, "driver_cpu_s": cpu, "first_unit_s": first,
+            "tree_peak_mb": tree,
             "machine_busy_s": (busy - busy0) if busy is not None and busy0 is not None else float("nan"),
             "last_unit_s": last, "units_seen": done, "killed": killed, "pid": proc.pid, "output": output}
 

@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import tempfile
 import time
 import uuid
 
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from benchmarks.harness import result_row
 
 
 def _config(quick: bool):
@@ -30,11 +27,6 @@ def _config(quick: bool):
         n_moa=4, compounds_per_moa=6, replicates=1, shared_fraction=0.0, wells_per_plate=8 if quick else 16,
         dmso_wells_per_plate=2,
         sites_per_well=1, image_size=256 if quick else 540, cells_per_site=27.0 if quick else 120.0)
-
-
-def _row(name, metric, value, unit, notes):
-    return {"benchmark": name, "metric": metric, "value": round(float(value), 3), "unit": unit,
-            "peak_mem_mb": round(_peak_mb(), 1), "notes": notes}
 
 
 def _render_only(cfg, n_sites: int) -> list[dict]:
@@ -53,12 +45,12 @@ def _render_only(cfg, n_sites: int) -> list[dict]:
             tiff_bytes(img[c], cfg.tiff_compression)
     t2 = time.perf_counter()
     size = f"{cfg.image_size}x{cfg.image_size}px"
-    return [_row("simulate/render", "sites_per_s", len(images) / (t1 - t0), "sites/s",
-                 f"render only, 1 process, {size}, {len(images)} sites"),
-            _row("simulate/render", "cpu_ms_per_site", 1000 * (c1 - c0) / len(images), "ms",
-                 f"CPU time (independent of machine load), {size}"),
-            _row("simulate/encode", "sites_per_s", len(images) / (t2 - t1), "sites/s",
-                 f"5 zlib TIFFs per site, 1 process, {size}")]
+    return [result_row("simulate/render", "sites_per_s", len(images) / (t1 - t0), "sites/s",
+                       f"render only, 1 process, {size}, {len(images)} sites"),
+            result_row("simulate/render", "cpu_ms_per_site", 1000 * (c1 - c0) / len(images), "ms",
+                       f"CPU time (independent of machine load), {size}"),
+            result_row("simulate/encode", "sites_per_s", len(images) / (t2 - t1), "sites/s",
+                       f"5 zlib TIFFs per site, 1 process, {size}")]
 
 
 def _pipeline(cfg, lake_factory, where: str) -> list[dict]:
@@ -73,13 +65,13 @@ def _pipeline(cfg, lake_factory, where: str) -> list[dict]:
         elapsed = time.perf_counter() - t0
         rates[workers] = summary["sites_written"] / elapsed
         cpu_ms = 1000 * summary["plate_cpu_seconds"] / max(summary["sites_written"], 1)
-        rows.append(_row(f"simulate/{where}", f"sites_per_s_{workers}w", rates[workers], "sites/s",
-                         f"{summary['sites_written']} sites, {summary['plates_written']} plates, "
-                         f"{summary['bytes_written'] / 1e6:.1f} MB, {workers} plate task(s) at a time, "
-                         f"end to end incl. world build and metadata; plate tasks {cpu_ms:.0f} CPU ms/site; "
-                         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"))
-    rows.append(_row(f"simulate/{where}", "speedup_2w_vs_1w", rates[2] / rates[1], "x",
-                     "same run, ratio of the two rows above"))
+        rows.append(result_row(f"simulate/{where}", f"sites_per_s_{workers}w", rates[workers], "sites/s",
+                               f"{summary['sites_written']} sites, {summary['plates_written']} plates, "
+                               f"{summary['bytes_written'] / 1e6:.1f} MB, {workers} plate task(s) at a time, "
+                               f"end to end incl. world build and metadata; plate tasks {cpu_ms:.0f} CPU ms/site; "
+                               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"))
+    rows.append(result_row(f"simulate/{where}", "speedup_2w_vs_1w", rates[2] / rates[1], "x",
+                           "same run, ratio of the two rows above"))
     return rows
 
 

@@ -16,23 +16,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.harness import result_row
+
 #: Dense bf16 peak of an H100 SXM (NVIDIA H100 datasheet, without sparsity), FLOP/s.
 H100_BF16_PEAK = 989e12
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _row(name, metric, value, unit, notes=""):
-    return {"benchmark": name, "metric": metric, "value": float(value), "unit": unit, "peak_mem_mb": _peak_mb(),
-            "notes": notes}
 
 
 def make_train_step(preset: str, size: int, batch: int, device: str = "cpu", bf16: bool = False, wrap=None):
@@ -130,26 +122,26 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     for preset, size, batch, steps in (("tiny", 8, 16, 10 if quick else 40), ("small", 16, 16, 3 if quick else 15)):
         r = bench_step(preset, size, batch, steps)
-        rows.append(_row(f"train_step_{preset}_cpu", "samples/s per worker", r["samples_per_s"], "samples/s",
-                         f"{preset} U-Net ({r['params_m']:.2f} M params), {size}x{size} latents, batch {batch}, "
-                         "1 thread, no Ray"))
+        rows.append(result_row(f"train_step_{preset}_cpu", "samples/s per worker", r["samples_per_s"], "samples/s",
+                               f"{preset} U-Net ({r['params_m']:.2f} M params), {size}x{size} latents, batch {batch}, "
+                               "1 thread, no Ray"))
         if preset == "small":   # the largest U-Net measured on CPUs is the one `cpldm cost` prices
             rows[-1].update(cost_stage="train", cost_per="vcpu")
     if torch.cuda.is_available():
         r = bench_step("paper", 48, 48, 10, device="cuda", bf16=True)
-        rows.append(_row("train_step_paper_gpu_bf16", "samples/s per GPU", r["samples_per_s"], "samples/s",
-                         f"paper U-Net ({r['params_m']:.0f} M params), 48x48, batch 48, bf16; "
-                         f"{r['flop_fraction']:.1%} of H100 dense bf16 peak"))
+        rows.append(result_row("train_step_paper_gpu_bf16", "samples/s per GPU", r["samples_per_s"], "samples/s",
+                               f"paper U-Net ({r['params_m']:.0f} M params), 48x48, batch 48, bf16; "
+                               f"{r['flop_fraction']:.1%} of H100 dense bf16 peak"))
         rows[-1].update(cost_stage="train", cost_per="gpu")
     ray_steps = 20 if quick else 60
     results = {w: bench_ray(w, ray_steps) for w in ((2,) if quick else (1, 2))}
     for w, r in results.items():
-        rows.append(_row(f"train_ray_tiny_{w}w", "samples/s per worker", r["samples_per_s"], "samples/s",
-                         f"cpldm train tiny, {w} worker(s) x 0.5 CPU, {r['steps']} steps, wall {r['wall_s']:.0f} s "
-                         "incl. Ray Train start"))
+        rows.append(result_row(f"train_ray_tiny_{w}w", "samples/s per worker", r["samples_per_s"], "samples/s",
+                               f"cpldm train tiny, {w} worker(s) x 0.5 CPU, {r['steps']} steps, "
+                               f"wall {r['wall_s']:.0f} s incl. Ray Train start"))
     if 1 in results and 2 in results:
-        rows.append(_row("train_ray_tiny_scaling", "2-worker / 1-worker total throughput",
-                         2 * results[2]["samples_per_s"] / results[1]["samples_per_s"], "ratio", "same run"))
+        rows.append(result_row("train_ray_tiny_scaling", "2-worker / 1-worker total throughput",
+                               2 * results[2]["samples_per_s"] / results[1]["samples_per_s"], "ratio", "same run"))
     return rows
 
 

@@ -21,6 +21,14 @@ latents with fixed noise (the demo world holds out no batch, so the train histor
     nice -n 19 python -m benchmarks.exp_model [--arms a b d] [--workdir benchmarks/_work/exp_model]
         [--copy-from /tmp/demo-lake] [--out benchmarks/results/exp_model] [--deadline-min 70]
         [--raw-bands ARM ...] [--no-scm-free] [--scm-free-arms ARM ...] [--vae-id ID] [--seeds 0 1 2]
+        [--scenario unconfounded] [--vae-fit-steps 3000]
+    python -m benchmarks.exp_model --interaction CONFOUNDED_OUT CONTROL_OUT --out DIR
+
+``--scenario``: the world (``<workdir>/<scenario>-seed0``; ``unconfounded`` is the control where the two models
+should not differ). ``--vae-id`` names a latent cache; one the lake lacks is made first: the demo VAE fitted for
+``--vae-fit-steps`` steps, then ingest (as ``exp_vae_fit.sh`` made ``vae3000`` for the jump world).
+``--interaction``: from two finished ``--seeds`` runs (confounded world, control world), whether the c-aware -
+SCM-free difference differs between them (Welch), to ``<out>/exp_model_interaction.csv``.
 
 ``--seeds``: replicate training seeds (TrainConfig.seed: initial weights, data order, noise; a training run
 is reproducible bit for bit given its seed): each arm is trained c-aware and SCM-free per seed (runs
@@ -74,11 +82,12 @@ def log(msg: str, path: Path | None) -> None:
             fh.write(line + "\n")
 
 
-def ensure_world(workdir: Path, copy_from: str | None, logpath: Path | None) -> Path:
-    """The jump seed-0 world with the yardstick (built with exp_world.run_world, or copied from a demo lake)."""
+def ensure_world(workdir: Path, copy_from: str | None, logpath: Path | None, scenario: str = "jump") -> Path:
+    """The ``scenario`` seed-0 world with the yardstick (built with exp_world.run_world, or copied from a demo
+    lake; the copy is the jump world's)."""
     from pipelines.storage import Lake
 
-    lake_dir = workdir / "jump-seed0"
+    lake_dir = workdir / f"{scenario}-seed0"
     if not lake_dir.exists() and copy_from:
         log(f"copying {copy_from} -> {lake_dir}", logpath)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -87,8 +96,8 @@ def ensure_world(workdir: Path, copy_from: str | None, logpath: Path | None) -> 
     if not all(lake.is_committed("demo", s) for s in NEEDED):
         from benchmarks.exp_world import run_world
 
-        log("building the world (demo VAE)", logpath)
-        run_world(workdir, "jump", 0, (DRAWS,), 20, tiny_vae=False)
+        log(f"building the {scenario} world (demo VAE)", logpath)
+        run_world(workdir, scenario, 0, (DRAWS,), 20, tiny_vae=False)
     # a lake made by an older cpldm has no artifact records, which evaluate now requires: remake them
     from cpldm_core.design import generate_preset
 
@@ -97,6 +106,20 @@ def ensure_world(workdir: Path, copy_from: str | None, logpath: Path | None) -> 
     for dataset in ("real", ORACLE, "truth"):
         ensure_records(lake, dataset, gens.get(dataset), logpath)
     return lake_dir
+
+
+def ensure_vae(lake, vae_id: str, steps: int, logpath: Path | None) -> None:
+    """Fit the demo VAE for ``steps`` steps as ``vae/<vae_id>`` and encode the sites into ``latents/<vae_id>``,
+    unless done (what ``benchmarks/exp_vae_fit.sh`` did for the jump world: ``--vae-id vae3000``, 3000 steps)."""
+    from cpldm_core.autoencoder import FIT_VAE_PRESETS
+    from cpldm_core.images import INGEST_PRESETS
+    from pipelines import fit_vae, ingest
+
+    t0 = time.time()
+    fit_vae.run(lake, dataclasses.replace(FIT_VAE_PRESETS["demo"], vae_id=vae_id, steps=steps))  # skipped if fitted
+    ingest.run(lake, dataclasses.replace(INGEST_PRESETS["demo"], vae=vae_id, vae_id=vae_id))  # committed plates skip
+    log(f"VAE {vae_id} ({steps} steps) fitted and its latents encoded (or found) in {time.time() - t0:.0f} s",
+        logpath)
 
 
 def ensure_records(lake, dataset: str, gcfg, logpath: Path | None) -> None:
@@ -285,7 +308,41 @@ def paired_over_seeds(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def write_tables(out: Path, rows: list[dict], vae_id: str = "") -> None:
+def seed_differences(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per arm and training seed: c-aware minus SCM-free gap closed for every gap metric and their mean
+    (``mean_gap``); rows only for seeds with both models."""
+    gaps = [c for c in frame.columns if c.endswith("_gap")]
+    frame = frame.dropna(subset=["seed"]).assign(mean_gap=lambda f: f[gaps].mean(axis=1))
+    wide = frame.pivot_table(index=["arm", "seed"], columns="model", values=[*gaps, "mean_gap"])
+    return pd.DataFrame({m: wide[m]["scm"] - wide[m]["scm-free"] for m in [*gaps, "mean_gap"]}).dropna()
+
+
+def world_interaction(confounded: pd.DataFrame, control: pd.DataFrame) -> pd.DataFrame:
+    """Does the c-aware - SCM-free difference depend on the world? Per arm and metric: the seed-paired
+    difference in the confounded world and in the control, their difference (confounded - control) with a 95 %
+    Welch interval and Welch t-test p (``scipy.stats.ttest_ind(equal_var=False)``; the worlds are different
+    lakes, so seeds are not paired across them)."""
+    from scipy import stats
+
+    a, b = seed_differences(confounded), seed_differences(control)
+    out = []
+    for arm in sorted(set(a.index.get_level_values("arm")) & set(b.index.get_level_values("arm"))):
+        for metric in a.columns:
+            x, y = a.loc[arm, metric].to_numpy(), b.loc[arm, metric].to_numpy()
+            if len(x) < 2 or len(y) < 2:
+                continue
+            vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+            se = np.sqrt(vx + vy)
+            dof = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1)) if se > 0 else np.nan
+            half = stats.t.ppf(0.975, dof) * se if se > 0 else np.nan
+            out.append({"arm": arm, "metric": metric, "seeds_confounded": len(x), "seeds_control": len(y),
+                        "diff_confounded": x.mean(), "diff_control": y.mean(), "interaction": x.mean() - y.mean(),
+                        "ci95_low": x.mean() - y.mean() - half, "ci95_high": x.mean() - y.mean() + half,
+                        "p_welch": stats.ttest_ind(x, y, equal_var=False).pvalue if se > 0 else np.nan})
+    return pd.DataFrame(out)
+
+
+def write_tables(out: Path, rows: list[dict], vae_id: str = "", scenario: str = "jump") -> None:
     frame = pd.DataFrame(rows)
     if "seed" not in frame.columns:
         frame["seed"] = np.nan
@@ -298,7 +355,7 @@ def write_tables(out: Path, rows: list[dict], vae_id: str = "") -> None:
     if len(paired):
         paired.to_csv(out / "exp_model_paired_seeds.csv", index=False)
     with open(out / "exp_model.md", "w") as fh:
-        fh.write("# exp_model: training-recipe levers (demo preset, jump world seed 0, N=10, latents: "
+        fh.write(f"# exp_model: training-recipe levers (demo preset, {scenario} world seed 0, N=10, latents: "
                  f"{vae_id or 'the demo VAE'})\n\n")
         fh.write("gap = (arm - chance) / (oracle-c-aware-N10 - chance); mAP per label; truth: mean Pearson r "
                  "(chance 0). loss_t*: v-MSE per timestep band on 128 training latents, fixed noise.\n\n")
@@ -324,12 +381,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the per-band loss of these arms' last checkpoint weights (not the EMA export)")
     parser.add_argument("--vae-id", default="",
                         help="train every arm on latents/<id> (a lake with several caches, e.g. exp_vae_fit.sh's)")
+    parser.add_argument("--scenario", default="jump", help="the world's scenario (unconfounded: the control)")
+    parser.add_argument("--vae-fit-steps", type=int, default=3000,
+                        help="fit steps of a --vae-id VAE the lake lacks (fitted, then ingested, before any arm)")
+    parser.add_argument("--interaction", nargs=2, default=None, metavar=("CONFOUNDED_OUT", "CONTROL_OUT"),
+                        help="only compare two finished --seeds runs (their --out dirs): does c-aware - SCM-free "
+                             "differ between the worlds? writes <out>/exp_model_interaction.csv")
     parser.add_argument("--scm-free-arms", nargs="*", default=None, metavar="ARM",
                         help="train these arms SCM-free too (default: the best c-aware arm only)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="K",
                         help="replicate training seeds: every arm x both models x each seed (runs ...-s<K>), "
                              "then the c-aware - SCM-free difference paired by seed")
     args = parser.parse_args(argv)
+    if args.interaction:
+        frames = [pd.read_parquet(Path(d) / "exp_model_arms.parquet") for d in args.interaction]
+        table = world_interaction(*frames)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        table.to_csv(Path(args.out) / "exp_model_interaction.csv", index=False)
+        print(table.round(3).to_string(index=False))
+        return 0
     vae_id = args.vae_id
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     t_start = time.time()
@@ -338,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from pipelines.storage import Lake
 
-    lake = Lake(str(ensure_world(workdir, args.copy_from, logpath)))
+    lake = Lake(str(ensure_world(workdir, args.copy_from, logpath, args.scenario)))
+    if vae_id and not lake.is_committed("fit-vae", vae_id):
+        ensure_vae(lake, vae_id, args.vae_fit_steps, logpath)
     parquet = out / "exp_model_arms.parquet"
     rows = pd.read_parquet(parquet).to_dict("records") if parquet.exists() else []
     def seed_of(r: dict) -> int | None:
@@ -358,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"deadline: {arm} {model} seed {seed} not started", logpath)
             return False
         rows.append(run_arm(lake, arm, model, logpath, vae_id, seed))
-        write_tables(out, rows, vae_id)
+        write_tables(out, rows, vae_id, args.scenario)
         return True
 
     if args.seeds is not None:

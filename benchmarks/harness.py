@@ -194,6 +194,28 @@ def machine_busy_cpu_s() -> float | None:
         return None
 
 
+def rss_of_env_mb(name: str, value: str) -> float:
+    """Summed resident memory (MiB, ``VmRSS``) of every process whose environment holds ``name=value``: a
+    driver and all the Ray processes of the cluster it started (they inherit its environment, also when the
+    command line names nothing), when ``value`` is unique to that run. Shared pages (Ray's object store) count
+    once per process that maps them, so this bounds the run's memory from above. 0.0 without /proc."""
+    needle = f"\0{name}={value}\0".encode()
+    total = 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle not in b"\0" + fh.read() + b"\0":
+                    continue
+            for line in Path(f"/proc/{entry}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):   # gone meanwhile, or another user's
+            continue
+    return total / 1024
+
+
 def peak_rss_mb(include_children: bool = True) -> float:
     """High-water resident memory of this process (and of its waited-for children), MiB.
 
@@ -220,6 +242,13 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self._start
+
+
+def result_row(benchmark: str, metric: str, value: float, unit: str, notes: str = "", **extra) -> dict:
+    """One benchmark row as :func:`normalise_rows` wants it, with this process's peak RSS (MiB, children
+    excluded) at the time the figure is recorded; ``extra``: optional columns (``cost_stage``, ``device``...)."""
+    return {"benchmark": benchmark, "metric": metric, "value": float(value), "unit": unit,
+            "peak_mem_mb": round(peak_rss_mb(include_children=False), 1), "notes": notes, **extra}
 
 
 def work_dir(name: str) -> Path:
@@ -283,7 +312,7 @@ def _as_flops(value: float, unit: str) -> float | None:
 
 # ---------------------------------------------------------------- running
 #: Modules run only when named (``--only scale``): their full size takes hours on 2 cores.
-OPT_IN = ("scale",)
+OPT_IN = ("scale", "scale_profile")
 
 
 def discover(bench_dir: Path = BENCH_DIR) -> list[str]:

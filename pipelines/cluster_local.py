@@ -158,33 +158,37 @@ def wait_for_job_agent(head: LocalHead, agent_port: int, timeout_s: float = 120.
     submission to that agent and gives up after 10 s without one ("No available agent to submit job"): on a
     busy machine the agent can start later than that after the job server answers (seen in a test run). The agent
     registers itself with the GCS right after its HTTP server is up, which is what this waits for."""
-    deadline = time.monotonic() + timeout_s
-    while not _port_open(agent_port):
-        if time.monotonic() > deadline:
-            raise UserError(f"the head's dashboard agent (port {agent_port}) did not start within {timeout_s:.0f} s; "
-                            f"jobs cannot be submitted; logs: {head.temp_dir}/session_latest/logs/dashboard_agent.log")
-        time.sleep(0.5)
+    _wait_until(lambda: _port_open(agent_port), timeout_s,
+                f"the head's dashboard agent (port {agent_port}) did not start within {timeout_s:.0f} s; jobs cannot "
+                f"be submitted; logs: {head.temp_dir}/session_latest/logs/dashboard_agent.log")
 
 
 def wait_for_job_server(head: LocalHead, timeout_s: float = 120.0) -> None:
     """Block until the dashboard's job API answers (it starts a little after ``ray start`` returns)."""
+    _wait_until(lambda: _job_server_answers(head.dashboard_url), timeout_s,
+                f"the job server at {head.dashboard_url} did not answer within {timeout_s:.0f} s; "
+                f"logs: {head.temp_dir}/session_latest/logs")
+
+
+def _job_server_answers(dashboard_url: str) -> bool:
     import urllib.error
     import urllib.request
 
+    try:
+        with urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=5) as resp:
+            return resp.status == 200
+    except urllib.error.HTTPError as exc:
+        return exc.code in (401, 403)  # up, and insisting on the token: good enough
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_until(ready, timeout_s: float, failure: str) -> None:
+    """Poll ``ready()`` every 0.5 s until it is true; UserError(``failure``) after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):  # up, and insisting on the token: good enough
-                return
-        except (urllib.error.URLError, OSError):
-            pass
+    while not ready():
         if time.monotonic() > deadline:
-            raise UserError(f"the job server at {head.dashboard_url} did not answer within {timeout_s:.0f} s; "
-                            f"logs: {head.temp_dir}/session_latest/logs")
+            raise UserError(failure)
         time.sleep(0.5)
 
 

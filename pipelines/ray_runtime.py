@@ -15,7 +15,9 @@ dies, but the raylet's children (``DashboardAgent``, ``RuntimeEnvAgent``, worker
 orphaned and live on for seconds to minutes. :func:`start_watchdog` starts, with the cluster, a small process
 that waits for the driver to disappear (``SIGKILL`` included) and then stops every process of that cluster:
 those whose environment carries the driver's :data:`OWNER_ENV` token (orphans name nothing on their command
-line) and those naming the session directory (``cluster_local.stop_processes``). A driver that joins an existing
+line), their descendants as recorded every second while the driver lived (Ray's agents overwrite part of their
+own environment with ``setproctitle``, which can hide the token), and those naming the session directory
+(``cluster_local.stop_processes``). A driver that joins an existing
 cluster (``RAY_ADDRESS``) starts none.
 """
 from __future__ import annotations
@@ -171,15 +173,56 @@ def owned_processes(token: str) -> list[int]:
     return found
 
 
+def _process_starts() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, start time in clock ticks since boot) of every live process (zombies left out), from
+    /proc/<pid>/stat (the start time tells a process from a later one that reuses its pid). Empty without /proc."""
+    table = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            if fields[0] not in (b"Z", b"X"):   # state (field 3): a zombie is gone for every purpose here
+                table[int(entry)] = (int(fields[1]), int(fields[19]))   # ppid (field 4), starttime (field 22)
+        except (OSError, IndexError, ValueError):   # gone meanwhile
+            continue
+    return table
+
+
+def cluster_tree(token: str, table: dict[int, tuple[int, int]], driver_pid: int) -> dict[int, int]:
+    """pid -> start time of the processes carrying the token (but the driver, which holds it until ``ray.init``
+    returns) and all their descendants. The descendants count because a process may hide its environment: Ray's
+    agents call ``setproctitle``, which overwrites the start of their ``/proc/<pid>/environ`` with the new title
+    (the token was gone from an orphaned DashboardAgent's environment in about one killed-driver test in six,
+    depending on where the raylet put it among the variables), but their parent, the raylet, carries it."""
+    tree = {pid for pid in owned_processes(token) if pid in table and pid != driver_pid}
+    changed = True
+    while changed:
+        changed = False
+        for pid, (ppid, _) in table.items():
+            if ppid in tree and pid not in tree and pid != os.getpid():
+                tree.add(pid)
+                changed = True
+    return {pid: table[pid][1] for pid in tree}
+
+
 def watch(driver_pid: int, token: str) -> int:
-    """The watchdog's loop: wait while ``driver_pid`` (its parent) lives, reading the session directory from
-    stdin; then stop the cluster's processes. Returns how many survived SIGKILL."""
+    """The watchdog's loop: while ``driver_pid`` (its parent) lives, read the session directory from stdin and,
+    every second, record the cluster's processes (:func:`cluster_tree`); once it is gone, stop the cluster's
+    processes: those recorded (if the same process still holds the pid), those carrying the token and those
+    naming the session directory. Returns how many survived SIGKILL."""
     import select
 
     from pipelines.cluster_local import head_processes, stop_processes
 
     session, stdin_open = "", True
+    known: dict[int, int] = {}
+    next_record = 0.0
     while os.getppid() == driver_pid:  # a dead parent's children are re-parented: exact, immune to pid reuse
+        if time.monotonic() >= next_record:
+            known.update(cluster_tree(token, _process_starts(), driver_pid))
+            next_record = time.monotonic() + 1.0
         if stdin_open and not session:
             if select.select([sys.stdin], [], [], WATCH_INTERVAL_S)[0]:
                 line = sys.stdin.readline()
@@ -194,7 +237,10 @@ def watch(driver_pid: int, token: str) -> int:
         # least WATCH_MIN_SWEEP_S: a raylet stopped after its agents may start a new agent in between
         elapsed = time.monotonic() - start
         try:
-            found = sorted(set(owned_processes(token)) | set(head_processes(session) if session else ()))
+            table = _process_starts()
+            recorded = {pid for pid, started in known.items() if table.get(pid, (0, None))[1] == started}
+            found = sorted(set(cluster_tree(token, table, driver_pid)) | recorded
+                           | set(head_processes(session) if session else ()))
             names = [_process_name(pid) for pid in found]
             left = stop_processes("", grace_s=WATCH_GRACE_S, extra=tuple(found))
             _watch_log(log_path, f"{elapsed:6.1f}s stopped {list(zip(found, names))}, {left} survived SIGKILL")

@@ -120,6 +120,39 @@ def test_normalise_rows_rejects_incomplete_figures():
             harness.normalise_rows([bad], "s")
     with pytest.raises(ValueError, match="non-empty list"):
         harness.normalise_rows([], "s")
+    # the row every bench module builds: complete, with this process's VmHWM (not ru_maxrss, which counts the
+    # forking parent's size across exec) and extra columns kept
+    built = harness.result_row("b", "m", 2, "x", cost_stage="generate")
+    assert harness.normalise_rows([built], "s")[0]["cost_stage"] == "generate"
+    assert built["peak_mem_mb"] == pytest.approx(harness.vm_hwm_mb("self"), abs=2.0)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_rss_of_env_counts_exactly_the_processes_carrying_the_marker(tmp_path):
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    mark = uuid.uuid4().hex
+    code = "import sys, time; x = bytearray(64 * 2 ** 20); print(1, flush=True); time.sleep(60)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "BENCH_MARK": mark},
+                              stdout=subprocess.PIPE) for _ in range(2)]
+    try:
+        for p in procs:
+            p.stdout.readline()   # its 64 MiB are allocated and touched
+        time.sleep(0.2)
+        rss = []
+        for p in procs:   # the naive reading: each process's own VmRSS line
+            line = next(x for x in open(f"/proc/{p.pid}/status") if x.startswith("VmRSS:"))
+            rss.append(int(line.split()[1]) / 1024)
+        assert min(rss) > 64
+        assert harness.rss_of_env_mb("BENCH_MARK", mark) == pytest.approx(sum(rss), abs=1.0)
+        assert harness.rss_of_env_mb("BENCH_MARK", mark[:-1]) == 0.0   # a prefix is another value
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_peak_flops_table_and_options():

@@ -512,3 +512,70 @@ def test_a_driver_joining_a_cluster_starts_no_watchdog(ray_cluster):
         return 42
 
     assert ray_cluster.get(answer.remote()) == 42
+
+
+HIDDEN_CHILD_DRIVER = r"""
+import os, subprocess, sys, time
+from pipelines import ray_runtime
+ray_runtime.start_watchdog()   # puts the token in this environment, as before ray.init
+sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+# a 'raylet' that carries the token and starts an 'agent' whose environment no longer shows it (as setproctitle
+# leaves a Ray agent's /proc/<pid>/environ)
+hidden_env = {k: v for k, v in os.environ.items() if k != ray_runtime.OWNER_ENV}
+quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)   # the test reads this driver's stdout to EOF
+raylet = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                           "subprocess.Popen(sys.argv[1:], env=eval(sys.stdin.readline())); time.sleep(300)",
+                           *sleeper], stdin=subprocess.PIPE, text=True, **quiet)
+raylet.stdin.write(repr(hidden_env) + "\n"); raylet.stdin.flush()
+os.environ.pop(ray_runtime.OWNER_ENV)   # as after ray.init: later children of the driver are not the cluster's
+other = subprocess.Popen(sleeper, **quiet)
+agent = []
+while not agent:
+    time.sleep(0.2)
+    agent = [int(p) for p in os.listdir("/proc") if p.isdigit()
+             and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(raylet.pid)]
+print(raylet.pid, agent[0], other.pid, flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the processes")
+def test_the_watchdog_stops_a_cluster_process_whose_environment_hides_the_token():
+    """A killed driver's watchdog stops a child of the cluster whose /proc environ no longer holds the token (Ray's
+    agents after setproctitle: the DashboardAgent that outlived a killed driver), because it recorded the cluster's
+    process tree while the driver lived; a child the driver started after ray.init is not the cluster's and lives."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.storage import pid_alive
+
+    driver = subprocess.Popen([sys.executable, "-c", HIDDEN_CHILD_DRIVER], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    pids = []
+    try:
+        import select
+        assert select.select([driver.stdout], [], [], 120)[0], "the driver printed nothing within 120 s"
+        line = driver.stdout.readline()
+        assert len(line.split()) == 3, f"driver: {line!r} (exit {driver.poll()})"
+        raylet, agent, other = map(int, line.split())
+        pids = [raylet, agent, other]
+        with open(f"/proc/{agent}/environ", "rb") as fh:
+            assert b"CPLDM_RAY_OWNER=" not in fh.read()   # hidden, as the DashboardAgent's was
+        time.sleep(1.5)   # the watchdog records the tree every second
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 20
+        while (pid_alive(raylet) or pid_alive(agent)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not pid_alive(raylet) and not pid_alive(agent)
+        assert pid_alive(other)
+    finally:
+        driver.kill()
+        driver.wait()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
