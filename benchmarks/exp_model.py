@@ -393,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="replicate training seeds: every arm x both models x each seed (runs ...-s<K>), "
                              "then the c-aware - SCM-free difference paired by seed")
     args = parser.parse_args(argv)
+    if args.copy_from and args.scenario != "jump":
+        parser.error("--copy-from copies a demo lake, whose world is the jump scenario's; drop it to build the "
+                     f"{args.scenario} world")
     if args.interaction:
         frames = [pd.read_parquet(Path(d) / "exp_model_arms.parquet") for d in args.interaction]
         table = world_interaction(*frames)

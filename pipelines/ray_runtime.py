@@ -38,11 +38,11 @@ WATCH_INTERVAL_S = 0.2
 #: Seconds the watchdog gives the cluster's processes to exit on SIGTERM before SIGKILL.
 WATCH_GRACE_S = 2.0
 #: Seconds the watchdog keeps sweeping for processes of the cluster that started while it stopped the others.
-WATCH_SWEEP_S = 40.0
+WATCH_SWEEP_S = 20.0
 #: Seconds it sweeps at least, even when it finds nothing: an agent started late by a dying raylet once
-#: appeared after two empty passes, and a DashboardAgent once outlived a 20 s sweep (tests/test_security.py, on a
-#: loaded 2-core machine). The sweep runs in the background after the driver died: its length costs users nothing.
-WATCH_MIN_SWEEP_S = 10.0
+#: appeared after two empty passes (tests/test_security.py, on a loaded 2-core machine). (The DashboardAgent that
+#: once outlived a whole sweep was not late: its environment hid the token; see :func:`cluster_tree`.)
+WATCH_MIN_SWEEP_S = 5.0
 #: What the watchdog did, pass by pass, in the session's log directory (for a cluster that outlived its driver).
 WATCH_LOG = "cpldm_watchdog.log"
 #: The watchdog of this process's local cluster (its stdin pipe carries the session directory).
