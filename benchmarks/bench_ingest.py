@@ -175,7 +175,7 @@ def bench_lake(lake, label: str, n_sites: int, px: int, crop: int, quick: bool) 
         out.append({**result_row(f"full ingest {label}", f"ray data, {workers} encoder(s)", rate, "sites/s",
                                  note + f", small VAE, {crop}px crops, incl. stats + Zarr + index"),
                     "cost_stage": "ingest", "cost_per": "instance"})
-        if model is not None:
+        if not lake.is_s3:   # the plain loop ran (local lakes only)
             out.append(result_row(f"full ingest {label}", f"ray/plain ratio, {workers} encoder(s)",
                                   rate / plain_full, "x", note))
     return out
