@@ -58,7 +58,8 @@ def run_cli(lake_dir: Path, args: list[str], stage: str, n_units: int | None = N
     incomplete; its Ray processes are stopped by the driver's watchdog). Returns wall seconds, the driver's
     peak RSS (MiB), the peak of the summed RSS of the driver and every process of its Ray cluster (MiB,
     :func:`harness.rss_of_env_mb` on the run's own ``RAY_TMPDIR``), the times (s after start) at which the first and the
-    last unit were seen committed, whether it was killed, its pid and its output."""
+    last unit were seen committed, whether it was killed, whether the driver's watchdog had exited within 30 s
+    after the run (it is waited for before the run's Ray temp dir is removed), its pid and its output."""
     from benchmarks import harness
     from pipelines.storage import Lake
 
@@ -98,13 +99,13 @@ def run_cli(lake_dir: Path, args: list[str], stage: str, n_units: int | None = N
     wall = time.perf_counter() - t0
     busy = harness.machine_busy_cpu_s()
     # Ray's session files (the run's output is in its log file), once the driver's watchdog, which logs there, is gone
-    _wait_watchdog_gone(proc.pid, timeout=60.0)
+    watchdog_gone = _wait_watchdog_gone(proc.pid)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     output = log_path.read_text(errors="replace")
     if not killed and proc.returncode != 0:
         raise RuntimeError(f"cpldm {args[0]} failed (exit {proc.returncode}):\n{output[-3000:]}")
     return {"wall_s": wall, "driver_peak_mb": hwm, "driver_cpu_s": cpu, "first_unit_s": first,
-            "tree_peak_mb": tree,
+            "tree_peak_mb": tree, "watchdog_gone": watchdog_gone,
             "machine_busy_s": (busy - busy0) if busy is not None and busy0 is not None else float("nan"),
             "last_unit_s": last, "units_seen": done, "killed": killed, "pid": proc.pid, "output": output}
 
@@ -298,7 +299,7 @@ def scale_generate(work: Path, images: int, large_images: int, draws: int, block
     if not (killed["killed"] and 0 < at_kill < n_blocks):
         raise RuntimeError(f"the kill/resume check did not kill midway (killed={killed['killed']}, "
                            f"{at_kill}/{n_blocks} blocks committed)")
-    watchdog_done = _wait_watchdog_gone(killed["pid"])
+    watchdog_done = killed["watchdog_gone"]   # run_cli waited for it (up to 30 s) before returning
     resumed = generate_cli(lake_dir, "scale-resumed", draws, 2, block_size)
     ref_manifest = generate.read_manifest(lake, "scale-2a")
     new_manifest = generate.read_manifest(lake, "scale-resumed")

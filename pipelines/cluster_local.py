@@ -220,14 +220,19 @@ def head_processes(temp_dir: str) -> list[int]:
         ancestors.add(p)
         p = table[p][0]
     roots = {pid for pid, (_, args) in table.items() if temp_dir in args and pid not in ancestors}
+    return sorted(descendants(roots, {pid: ppid for pid, (ppid, _) in table.items()}, ancestors))
+
+
+def descendants(roots: set[int], parent_of: dict[int, int], exclude: set[int] = frozenset()) -> set[int]:
+    """``roots`` and every process below them (``parent_of``: pid -> parent pid), never adding an ``exclude`` pid."""
     found, changed = set(roots), True
     while changed:
         changed = False
-        for pid, (ppid, _) in table.items():
-            if ppid in found and pid not in found and pid not in ancestors:
+        for pid, ppid in parent_of.items():
+            if ppid in found and pid not in found and pid not in exclude:
                 found.add(pid)
                 changed = True
-    return sorted(found)
+    return found
 
 
 def stop_processes(temp_dir: str, grace_s: float = 10.0, extra: tuple[int, ...] = ()) -> int:

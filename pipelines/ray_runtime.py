@@ -196,14 +196,10 @@ def cluster_tree(token: str, table: dict[int, tuple[int, int]], driver_pid: int)
     agents call ``setproctitle``, which overwrites the start of their ``/proc/<pid>/environ`` with the new title
     (the token was gone from an orphaned DashboardAgent's environment in about one killed-driver test in six,
     depending on where the raylet put it among the variables), but their parent, the raylet, carries it."""
-    tree = {pid for pid in owned_processes(token) if pid in table and pid != driver_pid}
-    changed = True
-    while changed:
-        changed = False
-        for pid, (ppid, _) in table.items():
-            if ppid in tree and pid not in tree and pid != os.getpid():
-                tree.add(pid)
-                changed = True
+    from pipelines.cluster_local import descendants
+
+    roots = {pid for pid in owned_processes(token) if pid in table and pid != driver_pid}
+    tree = descendants(roots, {pid: ppid for pid, (ppid, _) in table.items()}, {os.getpid()})
     return {pid: table[pid][1] for pid in tree}
 
 
