@@ -61,7 +61,7 @@ ARMS: dict[str, dict] = {
     # b2 is b with an EMA whose horizon (~100 steps) fits the run
     "b2-4x-ema0.99-cosine": {"max_steps": 960, "ema_decay": 0.99, "lr_schedule": "cosine", "checkpoint_every": 320,
                              "val_every": 160},
-    # c needs pipelines/train.py to pass TrainConfig.snr_gamma to v_prediction_loss (see docs/train.md)
+    # c (min-SNR weighting, TrainConfig.snr_gamma, which train passes to v_prediction_loss) has not been run yet
     "d-4x-ema-cosine-cdrop0.4": {"max_steps": 960, "ema_decay": 0.999, "lr_schedule": "cosine",
                                  "checkpoint_every": 320, "val_every": 160, "confounder_dropout": 0.4},
 }
@@ -420,10 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         return None if pd.isna(r.get("seed", np.nan)) else int(r["seed"])
 
     done = {(r["arm"], r["model"], seed_of(r)) for r in rows}
-    for arm in args.raw_bands:
-        bands = band_losses(lake, run_name(arm, "scm", vae_id), train_config(arm, "scm", vae_id), raw=True)
-        log(f"{run_name(arm, 'scm', vae_id)}: band losses of the raw (non-EMA) checkpoint weights {bands}", logpath)
-        pd.DataFrame([{"arm": arm, "weights": "raw-checkpoint", **bands}]).to_parquet(out / f"raw_bands_{arm}.parquet")
+    for arm in args.raw_bands:  # of each --seeds run (or the unseeded one)
+        raw_rows = []
+        for seed in args.seeds if args.seeds is not None else [None]:
+            name = run_name(arm, "scm", vae_id, seed)
+            bands = band_losses(lake, name, train_config(arm, "scm", vae_id, seed), raw=True)
+            log(f"{name}: band losses of the raw (non-EMA) checkpoint weights {bands}", logpath)
+            raw_rows.append({"arm": arm, "seed": seed, "weights": "raw-checkpoint", **bands})
+        pd.DataFrame(raw_rows).to_parquet(out / f"raw_bands_{arm}.parquet")
 
     def one(arm: str, model: str, seed: int | None) -> bool:
         """Run one (arm, model, seed) unless done; False once the deadline has passed."""

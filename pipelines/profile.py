@@ -1,12 +1,12 @@
 """``cpldm profile``: segmentation + CellProfiler-compatible features of real or synthetic images, into Parquet.
 
-Recipe (one Ray Data execution per wave of units):
+Recipe (one streamed Ray Data execution per wave of units):
 
     inputs (catalog ``sites`` TIFFs | ``synthetic/<run>/images.zarr`` + ``synthetic_manifest``)
       -> units (real: plates; synthetic: generation blocks), skipping committed ones
       -> map_batches(SiteProfiler): read 5 channels -> segment -> measure -> rows (image, optional cells, rejects)
       -> per unit: features_image, features_well (mean over sites / one row per draw), [features_single_cell],
-         rejects; then commit the unit
+         rejects; then commit the unit, as soon as its last site is measured (the driver holds units in flight)
       -> features_treatment (mean over replicate wells / draws) recomputed from every committed well.
 
 ``cpldm profile import FILE --dataset NAME`` (:mod:`pipelines.profile_import`) brings CellProfiler / pycytominer /
@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -167,12 +168,14 @@ class SiteProfiler:
             head = {**meta, "unit": row["unit"], "Metadata_Level": LEVEL_IMAGE, "Metadata_ObjectNumber": -1,
                     "Metadata_CellCount": prof.count, "Metadata_QCFlags": ";".join(prof.flags),
                     "Metadata_Item": "", "Metadata_Reason": ""}
-            frames.append(pd.concat([pd.DataFrame([head]), image], axis=1))
             if self.cfg.single_cell and prof.count:
                 cells = pd.DataFrame(prof.cells, columns=self.names)
                 cells_head = pd.DataFrame([{**head, "Metadata_Level": LEVEL_CELL}] * prof.count)
                 cells_head["Metadata_ObjectNumber"] = prof.object_numbers
                 frames.append(pd.concat([cells_head, cells], axis=1))
+            # the image row last: should Ray split this output into blocks, a site's image row still arrives
+            # after its cells, and completed_units counts a site as arrived on its image (or reject) row
+            frames.append(pd.concat([pd.DataFrame([head]), image], axis=1))
         out = pd.concat(frames, ignore_index=True)
         for name in self.names:  # reject rows carry no features: NaN, same columns and dtypes in every batch
             if name not in out:
@@ -213,7 +216,7 @@ def write_unit(lake: Lake, cfg: ProfileConfig, dataset: str, unit: str, rows: pd
     """Write one unit's tables at deterministic keys (part = unit) and commit it. Returns its counts."""
     part = {"dataset": dataset}
     images = rows[rows["Metadata_Level"] == LEVEL_IMAGE].sort_values("Metadata_SiteKey")
-    rejects = rows[rows["Metadata_Level"] == LEVEL_REJECT]
+    rejects = rows[rows["Metadata_Level"] == LEVEL_REJECT].sort_values("Metadata_SiteKey")  # any arrival order
     lake.write_named("features_image", _to_arrow(images, "features_image", names), config=cfg, part=unit,
                      partition=part)
     wells = aggregate.well_from_images(images[[*aggregate.WELL_KEYS, *names]]) if len(images) else \
@@ -362,9 +365,44 @@ def check_resume(lake: Lake, cfg: ProfileConfig, dataset: str, done: set[str],
                         "or use the config it was made with")
 
 
+def completed_units(batches: Iterable[pd.DataFrame], expected_sites: dict[str, int]
+                    ) -> Iterator[tuple[str, pd.DataFrame]]:
+    """Group streamed :class:`SiteProfiler` output by unit and yield ``(unit, rows)`` as soon as the last site of
+    a unit has arrived, so the caller can write and commit it while later sites are still measured.
+
+    ``batches``: frames of SiteProfiler rows in any order (each site gives one image or reject row, plus its cell
+    rows); ``expected_sites``: unit -> number of sites. Only units with sites still to come are held, so memory
+    follows the units in flight (with plate-sorted input, about one plate per worker), not the whole wave.
+    Raises RuntimeError naming the units whose site count does not reconcile (a site lost or given twice).
+    """
+    pending: dict[str, list[pd.DataFrame]] = {}
+    arrived: dict[str, int] = {}
+    for batch in batches:
+        for unit, rows in batch.groupby("unit", sort=False):
+            if unit not in expected_sites:
+                raise RuntimeError(f"profile: rows for unit {unit!r}, which is not in this wave")
+            if unit in arrived and unit not in pending:
+                raise RuntimeError(f"profile: rows for unit {unit!r} after all its sites had arrived")
+            pending.setdefault(unit, []).append(rows)
+            arrived[unit] = arrived.get(unit, 0) + int((rows["Metadata_Level"] != LEVEL_CELL).sum())
+            if arrived[unit] > expected_sites[unit]:
+                raise RuntimeError(f"profile: unit {unit!r} got {arrived[unit]} site rows for "
+                                   f"{expected_sites[unit]} sites")
+            if arrived[unit] == expected_sites[unit]:
+                yield unit, pd.concat(pending.pop(unit), ignore_index=True)
+    short = {u: f"{arrived.get(u, 0)}/{n}" for u, n in expected_sites.items() if arrived.get(u, 0) < n}
+    if short:
+        raise RuntimeError(f"profile: the wave ended with sites missing (unit: rows/sites): {short}")
+
+
 def _profile_units(lake: Lake, cfg: ProfileConfig, dataset: str, items: pd.DataFrame, todo: list[str],
                    names: list[str], totals: dict) -> None:
-    """Measure the ``todo`` units in waves of ``cfg.units_per_wave`` and commit each; adds counts to ``totals``."""
+    """Measure the ``todo`` units in waves of ``cfg.units_per_wave`` (one Ray Data execution each) and write and
+    commit every unit as soon as its last site is measured (:func:`completed_units`); adds counts to ``totals``.
+
+    The driver holds only the rows of units still in flight, never a whole wave: a wave of JUMP plates would be
+    ~17 GiB of per-cell rows (docs/benchmarks.md), and a killed run loses only the units in flight.
+    """
     from tqdm import tqdm
 
     from pipelines import progress
@@ -376,18 +414,20 @@ def _profile_units(lake: Lake, cfg: ProfileConfig, dataset: str, items: pd.DataF
         progress.report(0, len(todo))  # the demo's step line (a no-op outside the demo)
         for start in range(0, len(todo), cfg.units_per_wave):
             wave = todo[start:start + cfg.units_per_wave]
-            batch = items[items["unit"].isin(wave)]
-            batch = batch.reset_index(drop=True)
+            # unit by unit (stable), so that units finish one after another and few are in flight at once
+            batch = items[items["unit"].isin(wave)].sort_values("unit", kind="stable").reset_index(drop=True)
             # one block per batch of sites (split here: Ray's own splitting breaks on pandas 3 frames)
             blocks = [batch.iloc[i:i + cfg.batch_size] for i in range(0, len(batch), cfg.batch_size)]
-            ds = ray.data.from_pandas(blocks)
-            out = ds.map_batches(
+            ds = ray.data.from_pandas(blocks).map_batches(
                 SiteProfiler, fn_constructor_kwargs={"lake": lake, "cfg": cfg, "dataset": dataset},
                 batch_format="pandas", batch_size=cfg.batch_size, concurrency=cfg.workers,
                 num_cpus=cfg.num_cpus_per_worker,
-            ).to_pandas()
-            for unit in wave:
-                counts = write_unit(lake, cfg, dataset, unit, out[out["unit"] == unit], names)
+            )
+            expected = batch.groupby("unit").size().to_dict()
+            # batch_size=None: Ray's output blocks as they are, streamed (no re-batching, nothing collected)
+            streamed = ds.iter_batches(batch_size=None, batch_format="pandas")
+            for unit, rows in completed_units(streamed, expected):
+                counts = write_unit(lake, cfg, dataset, unit, rows, names)
                 for k, v in counts.items():
                     totals[k] += v
                 bar.update(1)

@@ -191,3 +191,71 @@ def test_unknown_synthetic_run_is_a_user_error(local_lake):
     from cpldm_core.errors import UserError
     with pytest.raises(UserError, match="no synthetic_manifest"):
         profile.run(local_lake, CFG, dataset="nope")
+
+
+def _site_rows(unit: str, site: int, cells: int, level: str = profile.LEVEL_IMAGE) -> pd.DataFrame:
+    """SiteProfiler-shaped rows of one site: ``cells`` cell rows, then its image (or reject) row."""
+    key = f"{unit}/{site}"
+    rows = [{"unit": unit, "Metadata_SiteKey": key, "Metadata_Level": profile.LEVEL_CELL, "f": float(c)}
+            for c in range(cells)]
+    return pd.DataFrame([*rows, {"unit": unit, "Metadata_SiteKey": key, "Metadata_Level": level, "f": -1.0}])
+
+
+def test_completed_units_yields_each_unit_once_its_last_site_arrived():
+    """A unit is handed over right after the batch holding its last site (not at the end of the stream), with
+    exactly its rows (pandas groupby reference); lost or doubled sites are errors naming the unit."""
+    batches = [pd.concat([_site_rows("A", 1, 3), _site_rows("B", 1, 2)]), _site_rows("A", 2, 0),
+               _site_rows("B", 2, 4), _site_rows("B", 3, 0, profile.LEVEL_REJECT)]
+    events = []
+
+    def stream(frames):
+        for i, frame in enumerate(frames):
+            events.append(f"batch{i}")
+            yield frame
+
+    got = {}
+    for unit, rows in profile.completed_units(stream(batches), {"A": 2, "B": 3}):
+        events.append(f"unit {unit}")
+        got[unit] = rows
+    assert events == ["batch0", "batch1", "unit A", "batch2", "batch3", "unit B"]
+    reference = dict(tuple(pd.concat(batches).groupby("unit")))
+    for unit, rows in got.items():
+        pd.testing.assert_frame_equal(rows.reset_index(drop=True), reference[unit].reset_index(drop=True))
+
+    with pytest.raises(RuntimeError, match=r"missing.*'B': '2/3'"):
+        list(profile.completed_units(stream(batches[:3]), {"A": 2, "B": 3}))
+    with pytest.raises(RuntimeError, match="'A' after all its sites"):
+        list(profile.completed_units(stream([*batches, _site_rows("A", 2, 0)]), {"A": 2, "B": 3}))
+    with pytest.raises(RuntimeError, match="'B' got 4 site rows for 3"):
+        list(profile.completed_units(stream([*batches[:3], pd.concat([_site_rows("B", 3, 0), _site_rows("B", 4, 0)])]),
+                                     {"A": 2, "B": 3}))
+    with pytest.raises(RuntimeError, match="'C', which is not in this wave"):
+        list(profile.completed_units(stream([_site_rows("C", 1, 0)]), {"A": 2}))
+
+
+def test_a_unit_is_committed_while_the_wave_is_still_streaming(local_lake, ray_cluster, monkeypatch):
+    """The driver writes a plate as soon as it is complete: with both plates in one wave, the first plate is
+    written before the wave's last batch has been read (a stage that collected the wave first would not)."""
+    write_real_sites(local_lake, corrupt=False)
+    consumed, written_at = [0], []
+    real_completed = profile.completed_units
+
+    def counting(batches, expected):
+        def counted():
+            for batch in batches:
+                consumed[0] += 1
+                yield batch
+        return real_completed(counted(), expected)
+
+    real_write = profile.write_unit
+
+    def recording(lake, cfg, dataset, unit, rows, names):
+        written_at.append((unit, consumed[0]))
+        return real_write(lake, cfg, dataset, unit, rows, names)
+
+    monkeypatch.setattr(profile, "completed_units", counting)
+    monkeypatch.setattr(profile, "write_unit", recording)
+    summary = profile.run(local_lake, replace(CFG, units_per_wave=8), dataset="real")
+    assert summary["images"] == 8 and [u for u, _ in written_at] == ["source_1__B1__P1", "source_1__B1__P2"]
+    # 2 sites per batch: plate P1 (4 sites) is complete after 2 of the 4 batches
+    assert written_at[0][1] < consumed[0] == 4

@@ -109,8 +109,9 @@ class ProfileConfig:
         workers: Ray Data actors measuring images in parallel.
         num_cpus_per_worker: CPUs reserved per actor.
         batch_size: images per Ray Data batch.
-        units_per_wave: units (plates/blocks) processed per Ray Data execution; each wave's units are
-            written and committed before the next starts (what a killed run loses at most).
+        units_per_wave: units (plates/blocks) processed per Ray Data execution (actors start once per wave).
+            Within a wave each unit is written and committed as soon as its last site is measured, so the
+            driver holds only the units in flight and a killed run loses only those.
         max_plane_bytes: largest decoded TIFF plane accepted (bytes, from the TIFF header, before decoding);
             a site with a larger plane is rejected, so a small hostile file cannot ask for gigabytes.
     """
