@@ -372,7 +372,8 @@ def haralick(labels: np.ndarray, levels: np.ndarray, ids: np.ndarray, scale: int
 def default_features(image: np.ndarray, compartments: dict[str, np.ndarray], channels: tuple[str, ...],
                      ids: np.ndarray, texture_scale: int = 3,
                      texture_directions: tuple[int, ...] = (0,)) -> dict[str, np.ndarray]:
-    """The default (vectorised) feature set.
+    """The default (vectorised) feature set: the :func:`cellprofiler_features` groups AreaShape, Intensity
+    (without its edge and location measures), Correlation and Texture at one scale.
 
     Args:
         image: (C, H, W) float32 in [0, 1], channels in ``channels`` order.
@@ -383,24 +384,13 @@ def default_features(image: np.ndarray, compartments: dict[str, np.ndarray], cha
         CellProfiler column name -> (N,) float64, e.g. ``Cells_Intensity_MeanIntensity_ER``,
         ``Nuclei_Texture_Contrast_DNA_3_00_256``, ``Cytoplasm_Correlation_Correlation_AGP_DNA``.
     """
-    ids = np.asarray(ids, dtype=np.int64)
-    levels = [quantise_for_texture(image[c]) for c in range(len(channels))]
-    out: dict[str, np.ndarray] = {}
-    for obj, labels in compartments.items():
-        labels = labels.astype(np.int64, copy=False)
-        for name, values in areashape(labels, ids).items():
-            out[f"{obj}_AreaShape_{name}"] = values
-        lp = LabelledPixels(labels, ids)
-        for c, ch in enumerate(channels):
-            for name, values in intensity(lp, image[c], ids).items():
-                out[f"{obj}_Intensity_{name}_{ch}"] = values
-        for (ch_a, ch_b), values in pearson_pairs(lp, image, channels, ids).items():
-            out[f"{obj}_Correlation_Correlation_{ch_a}_{ch_b}"] = values
-        for c, ch in enumerate(channels):
-            for direction in texture_directions:
-                for name, values in haralick(labels, levels[c], ids, texture_scale, direction).items():
-                    out[f"{obj}_Texture_{name}_{ch}_{texture_scale}_{direction:02d}_{TEXTURE_GRAY_LEVELS}"] = values
-    return out
+    return cellprofiler_features(image, compartments, channels, ids, texture_scales=(texture_scale,),
+                                 texture_directions=tuple(texture_directions), groups=DEFAULT_SET_GROUPS,
+                                 edge_location=False)
+
+
+#: Groups of :func:`cellprofiler_features` that make the default set.
+DEFAULT_SET_GROUPS = ("areashape", "intensity", "correlation", "texture")
 
 
 # ---------------------------------------------------------------------------------------------- cellprofiler set
@@ -412,7 +402,8 @@ CELLPROFILER_TEXTURE_DIRECTIONS = (0, 1, 2, 3)
 def cellprofiler_features(image: np.ndarray, compartments: dict[str, np.ndarray], channels: tuple[str, ...],
                           ids: np.ndarray, texture_scales: tuple[int, ...] = CELLPROFILER_TEXTURE_SCALES,
                           texture_directions: tuple[int, ...] = CELLPROFILER_TEXTURE_DIRECTIONS,
-                          groups: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+                          groups: tuple[str, ...] | None = None,
+                          edge_location: bool = True) -> dict[str, np.ndarray]:
     """A CellProfiler-comparable set (JUMP's modules), every group vectorised and equal to cp_measure's values.
 
     Per compartment: AreaShape (13) and Zernike shape moments (30); per channel: Intensity (15) and Location
@@ -422,7 +413,8 @@ def cellprofiler_features(image: np.ndarray, compartments: dict[str, np.ndarray]
     granularity's image filtering per channel, radial geometry and the Zernike basis per compartment.
 
     Args and returns as :func:`default_features`; ``groups`` restricts to a subset of :data:`CELLPROFILER_GROUPS`
-    (benchmarks time them one by one).
+    (benchmarks time them one by one); ``edge_location`` False leaves the intensity edge and location measures
+    out of the intensity group (the default set).
     """
     from cpldm_core.features import spatial
 
@@ -447,7 +439,7 @@ def cellprofiler_features(image: np.ndarray, compartments: dict[str, np.ndarray]
             for c, ch in enumerate(channels):
                 for name, values in intensity(lp, image[c], ids).items():
                     out[f"{obj}_Intensity_{name}_{ch}"] = values
-                for key, values in intensity_edge_location(lp, image[c], ids).items():
+                for key, values in (intensity_edge_location(lp, image[c], ids) if edge_location else {}).items():
                     out[cellprofiler_name(obj, f"{key}__{ch}")] = values
         if "correlation" in groups:
             for (ch_a, ch_b), values in pearson_pairs(lp, image, channels, ids).items():
