@@ -354,9 +354,10 @@ def haralick(labels: np.ndarray, levels: np.ndarray, ids: np.ndarray, scale: int
             p = np.where(off, counts, 2 * counts) / total[klab]
             w = np.where(off, 2.0, 1.0) * p  # matrix weight of the pair
             d2 = (ki - kj) ** 2
-            terms = np.column_stack([w * p, w * d2, w / (1.0 + d2), w * (ki + kj), w * np.log2(p),
-                                     w * (ki + kj) / 2, w * (ki * ki + kj * kj) / 2, w * ki * kj])
-        sums[present] = np.add.reduceat(terms, starts, axis=0)
+            # (8, M): each term a contiguous row, which reduceat sums faster than the columns of an (M, 8)
+            terms = np.stack([w * p, w * d2, w / (1.0 + d2), w * (ki + kj), w * np.log2(p),
+                              w * (ki + kj) / 2, w * (ki * ki + kj * kj) / 2, w * ki * kj])
+        sums[present] = np.add.reduceat(terms, starts, axis=1).T
     asm, contrast, idm, sum_average, p_log_p, ux, sq, cross = sums.T
     with np.errstate(divide="ignore", invalid="ignore"):
         vx = sq - ux ** 2
