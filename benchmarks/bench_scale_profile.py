@@ -62,16 +62,20 @@ def scale_profile(work: Path, n_sites: int, distinct: int, workers: int = 2) -> 
     bench = f"profile {n_sites:,} sites"
     # the stage commits each plate once its last site is measured: the first commit says what a kill can lose
     # at most, the commits after it give a steady rate without Ray's start-up (from 4 plates on)
-    steady = (n_sites - 384) / (r["last_unit_s"] - r["first_unit_s"]) \
-        if plates >= 4 and r["last_unit_s"] and r["last_unit_s"] > r["first_unit_s"] else float("nan")
+    # (a quick run's 2 plates have no steady part: the row is left out, not written as NaN)
+    steady_rows = []
+    if plates >= 4 and r["last_unit_s"] and r["last_unit_s"] > r["first_unit_s"]:
+        steady_rows = [{
+            "benchmark": bench, "metric": "sites/s between the first and last commit",
+            "value": (n_sites - 384) / (r["last_unit_s"] - r["first_unit_s"]), "unit": "sites/s",
+            "peak_mem_mb": r["driver_peak_mb"],
+            "notes": f"the {n_sites - 384:,} sites of the {plates - 1} plates committed after the first (taken as "
+                     f"384), over {r['last_unit_s'] - r['first_unit_s']:.0f} s"}]
     return [
         {"benchmark": bench, "metric": "first plate committed after", "value": r["first_unit_s"], "unit": "s",
          "peak_mem_mb": r["driver_peak_mb"],
          "notes": "seconds from the command's start to the first committed plate (Ray start included)"},
-        {"benchmark": bench, "metric": "sites/s between the first and last commit", "value": steady,
-         "unit": "sites/s", "peak_mem_mb": r["driver_peak_mb"],
-         "notes": f"the {n_sites - 384:,} sites of the {plates - 1} plates committed after the first (384), over "
-                  f"{(r['last_unit_s'] or 0) - (r['first_unit_s'] or 0):.0f} s"},
+        *steady_rows,
         {"benchmark": bench, "metric": "sites/s end to end", "value": profiled / r["wall_s"], "unit": "sites/s",
          "peak_mem_mb": r["driver_peak_mb"],
          "notes": f"{base}; {profiled:,} image rows; wall {r['wall_s']:.0f} s incl. Ray start, well and treatment "
