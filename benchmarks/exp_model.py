@@ -61,7 +61,9 @@ ARMS: dict[str, dict] = {
     # b2 is b with an EMA whose horizon (~100 steps) fits the run
     "b2-4x-ema0.99-cosine": {"max_steps": 960, "ema_decay": 0.99, "lr_schedule": "cosine", "checkpoint_every": 320,
                              "val_every": 160},
-    # c (min-SNR weighting, TrainConfig.snr_gamma, which train passes to v_prediction_loss) has not been run yet
+    # c: min-SNR-5 weighting (TrainConfig.snr_gamma, passed to v_prediction_loss) on the demo recipe, so that it
+    # pairs by training seed with a-baseline (exp_model_seeds)
+    "c-minsnr5": {"snr_gamma": 5.0},
     "d-4x-ema-cosine-cdrop0.4": {"max_steps": 960, "ema_decay": 0.999, "lr_schedule": "cosine",
                                  "checkpoint_every": 320, "val_every": 160, "confounder_dropout": 0.4},
 }
