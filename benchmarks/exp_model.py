@@ -23,12 +23,15 @@ latents with fixed noise (the demo world holds out no batch, so the train histor
         [--raw-bands ARM ...] [--no-scm-free] [--scm-free-arms ARM ...] [--vae-id ID] [--seeds 0 1 2]
         [--scenario unconfounded] [--vae-fit-steps 3000]
     python -m benchmarks.exp_model --interaction CONFOUNDED_OUT CONTROL_OUT --out DIR
+    python -m benchmarks.exp_model --pair-arms BASE_OUT OTHER_OUT --out DIR
 
 ``--scenario``: the world (``<workdir>/<scenario>-seed0``; ``unconfounded`` is the control where the two models
 should not differ). ``--vae-id`` names a latent cache; one the lake lacks is made first: the demo VAE fitted for
 ``--vae-fit-steps`` steps, then ingest (as ``exp_vae_fit.sh`` made ``vae3000`` for the jump world).
 ``--interaction``: from two finished ``--seeds`` runs (confounded world, control world), whether the c-aware -
 SCM-free difference differs between them (Welch), to ``<out>/exp_model_interaction.csv``.
+``--pair-arms``: from two finished ``--seeds`` runs of different arms (same world, VAE and seeds), the second arm
+minus the first per model, paired by training seed, to ``<out>/exp_model_pair_arms.csv``.
 
 ``--seeds``: replicate training seeds (TrainConfig.seed: initial weights, data order, noise; a training run
 is reproducible bit for bit given its seed): each arm is trained c-aware and SCM-free per seed (runs
@@ -282,12 +285,23 @@ def mean_gap(row: dict | pd.Series) -> float:
     return float(np.mean([row[k] for k in row.keys() if str(k).endswith("_gap")]))
 
 
-def paired_over_seeds(frame: pd.DataFrame) -> pd.DataFrame:
-    """c-aware minus SCM-free gap closed, paired by training seed, per arm and gap metric (and their mean):
-    seeds, mean difference, between-seed SD, 95 % t interval, paired t-test p (``scipy.stats.ttest_rel``), and
-    each model's mean and between-seed SD. Empty when no arm has both models for >= 2 seeds."""
+def paired_difference(x, y) -> dict:
+    """``x - y`` paired element by element (one pair per training seed): seeds, mean difference, between-seed SD,
+    95 % t interval, paired t-test p (``scipy.stats.ttest_rel``; NaN when the differences do not vary)."""
     from scipy import stats
 
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    diff = x - y
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    p = stats.ttest_rel(x, y).pvalue if diff.std(ddof=1) > 0 else float("nan")
+    return {"seeds": len(diff), "diff_mean": diff.mean(), "diff_sd": diff.std(ddof=1),
+            "ci95_low": diff.mean() - half, "ci95_high": diff.mean() + half, "p_ttest_rel": p}
+
+
+def paired_over_seeds(frame: pd.DataFrame) -> pd.DataFrame:
+    """c-aware minus SCM-free gap closed, paired by training seed, per arm and gap metric (and their mean):
+    :func:`paired_difference` and each model's mean and between-seed SD. Empty when no arm has both models for
+    >= 2 seeds."""
     gaps = [c for c in frame.columns if c.endswith("_gap")]
     frame = frame.assign(mean_gap=frame[gaps].mean(axis=1))
     out = []
@@ -299,14 +313,32 @@ def paired_over_seeds(frame: pd.DataFrame) -> pd.DataFrame:
             pair = wide[metric][["scm", "scm-free"]].dropna()
             if len(pair) < 2:
                 continue
-            diff = (pair["scm"] - pair["scm-free"]).to_numpy()
-            half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
-            p = stats.ttest_rel(pair["scm"], pair["scm-free"]).pvalue if diff.std(ddof=1) > 0 else float("nan")
-            out.append({"arm": arm, "metric": metric, "seeds": len(diff), "scm_mean": pair["scm"].mean(),
+            d = paired_difference(pair["scm"], pair["scm-free"])
+            out.append({"arm": arm, "metric": metric, "seeds": d.pop("seeds"), "scm_mean": pair["scm"].mean(),
                         "scm_sd": pair["scm"].std(ddof=1), "free_mean": pair["scm-free"].mean(),
-                        "free_sd": pair["scm-free"].std(ddof=1), "diff_mean": diff.mean(),
-                        "diff_sd": diff.std(ddof=1), "ci95_low": diff.mean() - half, "ci95_high": diff.mean() + half,
-                        "p_ttest_rel": p})
+                        "free_sd": pair["scm-free"].std(ddof=1), **d})
+    return pd.DataFrame(out)
+
+
+def arm_pairing(base: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """Two ``--seeds`` runs of different arms on the same world, VAE and seeds (``exp_model_arms.parquet`` of
+    each): per model and gap metric (and their mean), ``other - base`` paired by training seed
+    (:func:`paired_difference`), with each run's value per seed (``base_by_seed``, ``other_by_seed``, in seed
+    order) and its mean and between-seed SD."""
+    gaps = [c for c in base.columns if c.endswith("_gap")]
+    base, other = (f.dropna(subset=["seed"]).assign(mean_gap=f[gaps].mean(axis=1)) for f in (base, other))
+    merged = base.merge(other, on=["model", "seed"], suffixes=("_base", "_other")).sort_values("seed")
+    out = []
+    for model, g in merged.groupby("model", sort=False):
+        if len(g) < 2:
+            continue
+        for metric in [*gaps, "mean_gap"]:
+            b, o = g[f"{metric}_base"], g[f"{metric}_other"]
+            d = paired_difference(o, b)
+            out.append({"model": model, "metric": metric, "seeds": d.pop("seeds"),
+                        "base_by_seed": " / ".join(f"{v:.3f}" for v in b),
+                        "other_by_seed": " / ".join(f"{v:.3f}" for v in o), "base_mean": b.mean(),
+                        "base_sd": b.std(ddof=1), "other_mean": o.mean(), "other_sd": o.std(ddof=1), **d})
     return pd.DataFrame(out)
 
 
@@ -389,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interaction", nargs=2, default=None, metavar=("CONFOUNDED_OUT", "CONTROL_OUT"),
                         help="only compare two finished --seeds runs (their --out dirs): does c-aware - SCM-free "
                              "differ between the worlds? writes <out>/exp_model_interaction.csv")
+    parser.add_argument("--pair-arms", nargs=2, default=None, metavar=("BASE_OUT", "OTHER_OUT"),
+                        help="two finished --seeds runs of different arms (same world, VAE, seeds): OTHER - BASE per "
+                             "model, paired by seed, to <out>/exp_model_pair_arms.csv")
     parser.add_argument("--scm-free-arms", nargs="*", default=None, metavar="ARM",
                         help="train these arms SCM-free too (default: the best c-aware arm only)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="K",
@@ -398,13 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.copy_from and args.scenario != "jump":
         parser.error("--copy-from copies a demo lake, whose world is the jump scenario's; drop it to build the "
                      f"{args.scenario} world")
-    if args.interaction:
-        frames = [pd.read_parquet(Path(d) / "exp_model_arms.parquet") for d in args.interaction]
-        table = world_interaction(*frames)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        table.to_csv(Path(args.out) / "exp_model_interaction.csv", index=False)
-        print(table.round(3).to_string(index=False))
-        return 0
+    for pairs, compare, name in ((args.interaction, world_interaction, "exp_model_interaction.csv"),
+                                 (args.pair_arms, arm_pairing, "exp_model_pair_arms.csv")):
+        if pairs:
+            table = compare(*[pd.read_parquet(Path(d) / "exp_model_arms.parquet") for d in pairs])
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            table.to_csv(Path(args.out) / name, index=False)
+            print(table.round(3).to_string(index=False))
+            return 0
     vae_id = args.vae_id
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     t_start = time.time()
