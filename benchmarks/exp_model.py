@@ -21,7 +21,7 @@ latents with fixed noise (the demo world holds out no batch, so the train histor
     nice -n 19 python -m benchmarks.exp_model [--arms a b d] [--workdir benchmarks/_work/exp_model]
         [--copy-from /tmp/demo-lake] [--out benchmarks/results/exp_model] [--deadline-min 70]
         [--raw-bands ARM ...] [--no-scm-free] [--scm-free-arms ARM ...] [--vae-id ID] [--seeds 0 1 2]
-        [--scenario unconfounded] [--vae-fit-steps 3000]
+        [--scenario unconfounded] [--vae-fit-steps 3000] [--guidance 2]
     python -m benchmarks.exp_model --interaction CONFOUNDED_OUT CONTROL_OUT --out DIR
     python -m benchmarks.exp_model --pair-arms BASE_OUT OTHER_OUT --out DIR
 
@@ -30,6 +30,9 @@ should not differ). ``--vae-id`` names a latent cache; one the lake lacks is mad
 ``--vae-fit-steps`` steps, then ingest (as ``exp_vae_fit.sh`` made ``vae3000`` for the jump world).
 ``--interaction``: from two finished ``--seeds`` runs (confounded world, control world), whether the c-aware -
 SCM-free difference differs between them (Welch), to ``<out>/exp_model_interaction.csv``.
+``--guidance G``: generate every arm with classifier-free guidance G on the compound (the sampling lever; a
+trained model is reused, the generation is ``<run>-N10-g<G>`` with the unguided run's noise and draws); with
+another ``--out``, ``--pair-arms`` then pairs it with the unguided run.
 ``--pair-arms``: from two finished ``--seeds`` runs of different arms (same world, VAE and seeds), the second arm
 minus the first per model, paired by training seed, to ``<out>/exp_model_pair_arms.csv``.
 
@@ -56,19 +59,25 @@ import numpy as np
 import pandas as pd
 
 #: Lever arms: name -> (model kind, TrainConfig overrides on the demo preset). Order = issue 18's order.
+# Arms are overrides of TRAIN_PRESETS["demo"]; the arms measured before the demo preset adopted min-SNR-5 name
+# the plain loss (snr_gamma 0) so that they retrain exactly as measured.
 ARMS: dict[str, dict] = {
-    "a-baseline": {},
+    "a-baseline": {"snr_gamma": 0.0},
     "b-4x-ema-cosine": {"max_steps": 960, "ema_decay": 0.999, "lr_schedule": "cosine", "checkpoint_every": 320,
-                        "val_every": 160},
+                        "val_every": 160, "snr_gamma": 0.0},
     # b's EMA (0.999: a ~1000-step horizon) still held ~38 % of the initial weights at step 960 (0.999^960);
     # b2 is b with an EMA whose horizon (~100 steps) fits the run
     "b2-4x-ema0.99-cosine": {"max_steps": 960, "ema_decay": 0.99, "lr_schedule": "cosine", "checkpoint_every": 320,
-                             "val_every": 160},
+                             "val_every": 160, "snr_gamma": 0.0},
     # c: min-SNR-5 weighting (TrainConfig.snr_gamma, passed to v_prediction_loss) on the demo recipe, so that it
-    # pairs by training seed with a-baseline (exp_model_seeds)
+    # pairs by training seed with a-baseline (exp_model_seeds); the demo preset itself since it was adopted
     "c-minsnr5": {"snr_gamma": 5.0},
+    # c2: min-SNR-5 on the b2 recipe (pairs by training seed with b2-4x-ema0.99-cosine)
+    "c2-b2-minsnr5": {"max_steps": 960, "ema_decay": 0.99, "lr_schedule": "cosine", "checkpoint_every": 320,
+                      "val_every": 160, "snr_gamma": 5.0},
     "d-4x-ema-cosine-cdrop0.4": {"max_steps": 960, "ema_decay": 0.999, "lr_schedule": "cosine",
-                                 "checkpoint_every": 320, "val_every": 160, "confounder_dropout": 0.4},
+                                 "checkpoint_every": 320, "val_every": 160, "confounder_dropout": 0.4,
+                                 "snr_gamma": 0.0},
 }
 #: Demo steps the yardstick needs (committed in the world's lake before any arm runs).
 NEEDED = ("simulate", "catalog", "fit-vae", "ingest", "embed", "generate-oracle-c-aware-N10", "generate-truth",
@@ -233,8 +242,11 @@ def scores(lake, eval_run: str, arm_dt: str) -> dict[str, float]:
     return row
 
 
-def run_arm(lake, arm: str, model: str, logpath: Path | None, vae_id: str = "", seed: int | None = None) -> dict:
-    """Train, generate, profile and evaluate one arm (one training seed); returns its row."""
+def run_arm(lake, arm: str, model: str, logpath: Path | None, vae_id: str = "", seed: int | None = None,
+            guidance: float = 1.0) -> dict:
+    """Train, generate, profile and evaluate one arm (one training seed); returns its row. ``guidance`` > 1:
+    generate with that classifier-free guidance scale on the compound (same noise and draws as unguided; a
+    trained model is reused, so a guided rerun of finished arms costs generation and evaluation only)."""
     from cpldm_core.design import generate_preset
     from cpldm_core.evaluation.config import PRESETS as EVAL_PRESETS
     from cpldm_core.features.config import PRESETS as PROFILE_PRESETS
@@ -250,8 +262,9 @@ def run_arm(lake, arm: str, model: str, logpath: Path | None, vae_id: str = "", 
     t_train = time.time() - t0
     log(f"{run}: trained in {t_train:.0f} s (train wall {summary['wall_s']} s), final loss "
         f"{summary['final_loss']:.4f}", logpath)
+    guided = "" if guidance == 1.0 else f"-g{guidance:g}"
     gcfg = generate_preset("demo", model_run=run, draws=DRAWS, seed_namespace=f"demo-N{DRAWS}",
-                           run=f"{run}-N{DRAWS}")
+                           run=f"{run}-N{DRAWS}{guided}", guidance_scale=guidance)
     t1 = time.time()
     generate.run(lake, gcfg)   # resumable: finished blocks are skipped
     t_gen = time.time() - t1
@@ -260,7 +273,7 @@ def run_arm(lake, arm: str, model: str, logpath: Path | None, vae_id: str = "", 
     t_prof = time.time() - t1 - t_gen
     found = evaluate.discover(lake, EVAL_PRESETS["demo"])
     arm_dt = next(dt for dt, ds in found.items() if ds == gcfg.run_name)
-    eval_run = f"exp-model-{run}"
+    eval_run = f"exp-model-{run}{guided}"
     t2 = time.time()
     evaluate.run(lake, dataclasses.replace(EVAL_PRESETS["demo"], run=eval_run, data_types=("real", ORACLE, arm_dt),
                                            report=False))
@@ -268,13 +281,13 @@ def run_arm(lake, arm: str, model: str, logpath: Path | None, vae_id: str = "", 
     hist = train.read_history(lake, run)
     tr = hist.loc[hist["split"] == "train"]
     val = hist.loc[hist["split"] == "val"]
-    row = {"arm": arm, "model": model, "seed": seed, "run": run, "data_type": arm_dt,
+    row = {"arm": arm, "model": model, "seed": seed, "run": run, "guidance": guidance, "data_type": arm_dt,
            "overrides": json.dumps(ARMS[arm], sort_keys=True), "steps": int(summary["steps"]),
            "train_wall_s": float(summary["wall_s"]), "generate_s": t_gen, "profile_s": t_prof, "evaluate_s": t_eval,
            "first_train_loss": float(tr["loss"].iloc[0]), "final_train_loss": float(tr["loss"].iloc[-10:].mean()),
            "final_val_loss": float(val["loss"].iloc[-1]) if len(val) else float("nan"),
            **scores(lake, eval_run, arm_dt)}
-    log(f"{run}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k.endswith("_gap")), logpath)
+    log(f"{run}{guided}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k.endswith("_gap")), logpath)
     bands = band_losses(lake, run, cfg)
     log(f"{run}: band losses {bands}", logpath)
     row |= {f"loss_{k}": v for k, v in bands.items()}
@@ -340,6 +353,60 @@ def arm_pairing(base: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
                         "other_by_seed": " / ".join(f"{v:.3f}" for v in o), "base_mean": b.mean(),
                         "base_sd": b.std(ddof=1), "other_mean": o.mean(), "other_sd": o.std(ddof=1), **d})
     return pd.DataFrame(out)
+
+
+GAP_METRICS = ("moa_seen_gap", "moa_unseen_gap", "target_seen_gap", "target_unseen_gap", "truth_seen_gap",
+               "truth_unseen_gap")
+
+
+def vae_of_run(run: str, arm: str) -> str:
+    """The latent cache a :func:`run_name` names ("demo": none named, the lake's only one, the demo VAE)."""
+    rest = run.split("-", 1)[1]          # drop scm / scmfree
+    return "demo" if rest.startswith(f"{arm}") else rest[:rest.index(f"-{arm}")]
+
+
+def lever_summary(results_dir: Path) -> pd.DataFrame:
+    """Every finished exp_model run under ``results_dir`` (``exp_model*/exp_model_arms.parquet``), one row per
+    (run directory, latent cache, arm, model, guidance): training seeds, steps, mean train wall time (s), the mean
+    over seeds of each gap closed and of their mean (``mean_gap``), and the between-seed SD of ``mean_gap`` (NaN
+    for one seed). Gap closed = (arm - chance) / (oracle - chance), a fraction (0.31 = 31 %)."""
+    frames = []
+    for path in sorted(results_dir.glob("exp_model*/exp_model_arms.parquet")):
+        f = pd.read_parquet(path)
+        f = f.assign(experiment=path.parent.name, vae=[vae_of_run(r, a) for r, a in zip(f["run"], f["arm"])],
+                     guidance=f["guidance"] if "guidance" in f else 1.0, mean_gap=f[list(GAP_METRICS)].mean(axis=1))
+        frames.append(f)
+    if not frames:
+        return pd.DataFrame()
+    keys = ["experiment", "vae", "arm", "model", "guidance"]
+    grouped = pd.concat(frames, ignore_index=True).groupby(keys, sort=False)
+    table = grouped[["steps", "train_wall_s", *GAP_METRICS, "mean_gap"]].mean()
+    table.insert(0, "seeds", grouped.size())
+    table["mean_gap_sd"] = grouped["mean_gap"].std(ddof=1)
+    return table.reset_index()
+
+
+def levers_markdown(results_dir: Path) -> list[str]:
+    """The RESULTS.md section of issue 18's levers (:func:`lever_summary`); [] when no exp_model run is there."""
+    table = lever_summary(results_dir)
+    if table.empty:
+        return []
+    head = "| experiment | VAE | arm | model | guidance | seeds | steps | train wall (s) | MoA seen | MoA unseen | " \
+           "target seen | target unseen | truth seen | truth unseen | mean gap | SD between seeds |"
+    lines = ["## Experiments: issue 18's training levers (benchmarks/exp_model.py)", "",
+             "Gap closed to the c-aware oracle, (arm - chance) / (oracle - chance) in %, mean over training seeds "
+             "(one row = one arm and model of one `exp_model` run under `benchmarks/results/<experiment>/`). "
+             "Every run: the demo-preset jump world (or the unconfounded control where the directory says so), "
+             "N=10, the demo evaluation folds, on a 2-core dev VM, no GPU (the `exp_model_seeds*` runs: the Intel "
+             "Xeon VM; `exp_model` and `exp_model_vae3000`: shared with other jobs, so their wall times are upper "
+             "bounds). Paired comparisons, intervals and reading: docs/train.md.", "", head,
+             "|" + "---|" * 5 + "---:|" * 11]
+    for r in table.itertuples(index=False):
+        pct = [f"{100 * getattr(r, m):.0f}" for m in (*GAP_METRICS, "mean_gap")]
+        sd = "" if pd.isna(r.mean_gap_sd) else f"{100 * r.mean_gap_sd:.0f}"
+        lines.append(f"| {r.experiment} | {r.vae} | {r.arm} | {r.model} | {r.guidance:g} | {r.seeds} | {r.steps:.0f} | "
+                     f"{r.train_wall_s:.0f} | " + " | ".join(pct) + f" | {sd} |")
+    return lines + [""]
 
 
 def seed_differences(frame: pd.DataFrame) -> pd.DataFrame:
@@ -429,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="K",
                         help="replicate training seeds: every arm x both models x each seed (runs ...-s<K>), "
                              "then the c-aware - SCM-free difference paired by seed")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance scale of every arm's generation (> 1: the sampling lever; "
+                             "write to another --out, then --pair-arms against the unguided run)")
     args = parser.parse_args(argv)
+    if not (np.isfinite(args.guidance) and args.guidance >= 1.0):
+        parser.error(f"--guidance must be a finite number >= 1, got {args.guidance}")
     if args.copy_from and args.scenario != "jump":
         parser.error("--copy-from copies a demo lake, whose world is the jump scenario's; drop it to build the "
                      f"{args.scenario} world")
@@ -474,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         if (time.time() - t_start) / 60 > args.deadline_min:
             log(f"deadline: {arm} {model} seed {seed} not started", logpath)
             return False
-        rows.append(run_arm(lake, arm, model, logpath, vae_id, seed))
+        rows.append(run_arm(lake, arm, model, logpath, vae_id, seed, args.guidance))
         write_tables(out, rows, vae_id, args.scenario)
         return True
 

@@ -109,8 +109,11 @@ def between_seeds(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
-    """c-aware - non-c-aware per seed (fold means), then over seeds: mean, SD, 95 % t CI, paired t p (scipy)."""
+    """c-aware - non-c-aware per seed (fold means), then over seeds: mean, SD, 95 % t CI, paired t p
+    (:func:`benchmarks.exp_model.paired_difference`), and a Wilcoxon p from 6 seeds on (scipy)."""
     from scipy import stats
+
+    from benchmarks.exp_model import paired_difference
 
     arms = table[table["seed"] >= 0]
     wide = arms.pivot_table(index=["task", "query_split", "metric", "seed"], columns="arm", values="fold_mean")
@@ -124,9 +127,8 @@ def paired_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
                "mean_diff": float(d.mean()) if n else np.nan, "sd_diff": float(d.std(ddof=1)) if n > 1 else np.nan,
                "seeds_c_aware_better": int((d > 0).sum())}
         if n > 1:
-            half = stats.t.ppf(0.975, n - 1) * row["sd_diff"] / np.sqrt(n)
-            row.update(ci_low=row["mean_diff"] - half, ci_high=row["mean_diff"] + half,
-                       p_t=float(stats.ttest_rel(a, b).pvalue) if row["sd_diff"] > 0 else np.nan)
+            t = paired_difference(a, b)
+            row.update(ci_low=t["ci95_low"], ci_high=t["ci95_high"], p_t=t["p_ttest_rel"])
         if n >= 6:
             row["p_wilcoxon"] = float(stats.wilcoxon(a, b).pvalue)
         rows.append(row)

@@ -205,3 +205,35 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     report = (results / "gpu_check.md").read_text()
     assert "No CUDA device" in report and rows[0]["machine"] in report and "| encode tiny VAE" in report
     assert "## gpu" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_lever_summary_matches_a_naive_mean_over_seeds_and_lands_in_results_md(tmp_path):
+    """Issue 18's lever table: per (experiment, VAE, arm, model, guidance) the mean over seeds of each gap and of
+    their row mean, against a plain-Python computation; the section is appended to RESULTS.md."""
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.exp_model import GAP_METRICS, lever_summary, run_name
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for arm, vae in (("a-baseline", "vae3000"), ("c-minsnr5", "")):
+        for model in ("scm", "scm-free"):
+            for seed in (0, 1, 2):
+                rows.append({"arm": arm, "model": model, "seed": seed, "run": run_name(arm, model, vae, seed),
+                             "steps": 240, "train_wall_s": float(rng.uniform(90, 110)),
+                             **{m: float(rng.uniform(-0.1, 0.8)) for m in GAP_METRICS}})
+    (tmp_path / "exp_model_x").mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / "exp_model_x" / "exp_model_arms.parquet")
+    table = lever_summary(tmp_path).set_index(["arm", "model"])
+    assert len(table) == 4 and set(table["vae"]) == {"vae3000", "demo"}
+    for (arm, model), r in table.iterrows():
+        mine = [x for x in rows if x["arm"] == arm and x["model"] == model]
+        per_seed = [sum(x[m] for m in GAP_METRICS) / len(GAP_METRICS) for x in mine]
+        assert r["seeds"] == 3 and r["guidance"] == 1.0
+        assert r["mean_gap"] == pytest.approx(sum(per_seed) / 3, rel=1e-12)
+        assert r["mean_gap_sd"] == pytest.approx(float(np.std(per_seed, ddof=1)), rel=1e-12)
+        assert r["moa_seen_gap"] == pytest.approx(sum(x["moa_seen_gap"] for x in mine) / 3, rel=1e-12)
+    text = harness.write_results_md(tmp_path, tmp_path / "RESULTS.md")
+    assert "## Experiments: issue 18's training levers" in text
+    assert "| exp_model_x | demo | c-minsnr5 | scm-free | 1 | 3 | 240 |" in text
