@@ -24,6 +24,7 @@ latents with fixed noise (the demo world holds out no batch, so the train histor
         [--scenario unconfounded] [--vae-fit-steps 3000] [--guidance 2]
     python -m benchmarks.exp_model --interaction CONFOUNDED_OUT CONTROL_OUT --out DIR
     python -m benchmarks.exp_model --pair-arms BASE_OUT OTHER_OUT --out DIR
+    python -m benchmarks.exp_model --gap-table LAKE EVAL_RUN [--out DIR]
 
 ``--scenario``: the world (``<workdir>/<scenario>-seed0``; ``unconfounded`` is the control where the two models
 should not differ). ``--vae-id`` names a latent cache; one the lake lacks is made first: the demo VAE fitted for
@@ -35,6 +36,9 @@ trained model is reused, the generation is ``<run>-N10-g<G>`` with the unguided 
 another ``--out``, ``--pair-arms`` then pairs it with the unguided run.
 ``--pair-arms``: from two finished ``--seeds`` runs of different arms (same world, VAE and seeds), the second arm
 minus the first per model, paired by training seed, to ``<out>/exp_model_pair_arms.csv``.
+``--gap-table``: the gap closed to the c-aware oracle per data type of one finished evaluation run of any lake
+(e.g. a demo lake's ``demo`` run, or one ``cpldm evaluate --run`` made), printed as the docs' markdown table and
+written to ``<out>/gap_table_<EVAL_RUN>.csv``.
 
 ``--seeds``: replicate training seeds (TrainConfig.seed: initial weights, data order, noise; a training run
 is reproducible bit for bit given its seed): each arm is trained c-aware and SCM-free per seed (runs
@@ -216,7 +220,39 @@ def pa_indices(idx: np.ndarray):
 
 def scores(lake, eval_run: str, arm_dt: str) -> dict[str, float]:
     """Arm / oracle / chance means over folds (mAP per label) and truth recovery, and the gaps closed."""
-    res = lake.read_named("eval_results").to_pandas()
+    return scores_of(lake.read_named("eval_results").to_pandas(), eval_run, arm_dt)
+
+
+def gap_table(results: pd.DataFrame, eval_run: str) -> pd.DataFrame:
+    """One row per data type of evaluation ``eval_run`` (an ``eval_results`` frame): :func:`scores_of` plus the
+    mean of the six gaps (``mean_gap``). What docs/train.md's "gap closed" tables of whole demo lakes are made of
+    (``--gap-table LAKE RUN``)."""
+    types = sorted(results.loc[results["run"] == eval_run, "data_type"].unique())
+    if not types:
+        raise SystemExit(f"no evaluation run {eval_run!r}; runs: {sorted(results['run'].unique())}")
+    rows = [{"data_type": dt, **scores_of(results, eval_run, dt)} for dt in types]
+    frame = pd.DataFrame(rows)
+    return frame.assign(mean_gap=frame[list(GAP_METRICS)].mean(axis=1))
+
+
+def gap_markdown(table: pd.DataFrame) -> str:
+    """:func:`gap_table` as the docs print it: value (gap closed) per metric, then the mean gap."""
+    head = "| data type | " + " | ".join(m.removesuffix("_gap").replace("_", " ") for m in GAP_METRICS) + " | mean gap |"
+    lines = [head, "|" + "---|" * (len(GAP_METRICS) + 2)]
+    for _, r in table.iterrows():
+        cells = []
+        for m in GAP_METRICS:
+            key = m.removesuffix("_gap")
+            value = r[f"{key}_mAPlabel"] if key.startswith(("moa", "target")) else r[f"{key}_r"]
+            cells.append(f"{value:.2f} ({100 * r[m]:.0f}%)")
+        lines.append(f"| {r['data_type']} | " + " | ".join(cells) + f" | {100 * r['mean_gap']:.0f}% |")
+    return "\n".join(lines)
+
+
+def scores_of(res: pd.DataFrame, eval_run: str, arm_dt: str) -> dict[str, float]:
+    """:func:`scores` of an ``eval_results`` frame: for MoA and target x seen and unseen, the mean over folds of
+    ``mAP-label`` for ``arm_dt`` and the oracle and of ``mAP-label-chance``, and ``gap = (arm - chance) / (oracle -
+    chance)``; for truth recovery, ``truth-pearson-mean`` of both and ``gap = arm / oracle``."""
     res = res[res["run"] == eval_run]
     row: dict[str, float] = {}
     folds = res[res["fold"] >= 0]
@@ -488,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interaction", nargs=2, default=None, metavar=("CONFOUNDED_OUT", "CONTROL_OUT"),
                         help="only compare two finished --seeds runs (their --out dirs): does c-aware - SCM-free "
                              "differ between the worlds? writes <out>/exp_model_interaction.csv")
+    parser.add_argument("--gap-table", nargs=2, default=None, metavar=("LAKE", "EVAL_RUN"),
+                        help="print the gap closed per data type of a finished evaluation (e.g. a demo lake's "
+                             "`demo` run) as a markdown table, and write it to OUT/gap_table_<EVAL_RUN>.csv")
     parser.add_argument("--pair-arms", nargs=2, default=None, metavar=("BASE_OUT", "OTHER_OUT"),
                         help="two finished --seeds runs of different arms (same world, VAE, seeds): OTHER - BASE per "
                              "model, paired by seed, to <out>/exp_model_pair_arms.csv")
@@ -505,6 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.copy_from and args.scenario != "jump":
         parser.error("--copy-from copies a demo lake, whose world is the jump scenario's; drop it to build the "
                      f"{args.scenario} world")
+    if args.gap_table:
+        from pipelines.storage import Lake
+
+        lake_uri, eval_run = args.gap_table
+        table = gap_table(Lake(lake_uri).read_named("eval_results").to_pandas(), eval_run)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        table.to_csv(Path(args.out) / f"gap_table_{eval_run}.csv", index=False)
+        print(gap_markdown(table))
+        return 0
     for pairs, compare, name in ((args.interaction, world_interaction, "exp_model_interaction.csv"),
                                  (args.pair_arms, arm_pairing, "exp_model_pair_arms.csv")):
         if pairs:

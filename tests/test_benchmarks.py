@@ -237,3 +237,53 @@ def test_lever_summary_matches_a_naive_mean_over_seeds_and_lands_in_results_md(t
     text = harness.write_results_md(tmp_path, tmp_path / "RESULTS.md")
     assert "## Experiments: issue 18's training levers" in text
     assert "| exp_model_x | demo | c-minsnr5 | scm-free | 1 | 3 | 240 |" in text
+
+
+def test_gap_table_matches_a_naive_computation_of_the_gap_closed(tmp_path):
+    """``exp_model --gap-table``: per data type, (arm - chance) / (oracle - chance) of fold means for MoA / target
+    and arm / oracle for truth recovery, recomputed here from the rows with plain Python; other runs and the
+    per-query metric are ignored; an unknown run is refused."""
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.exp_model import GAP_METRICS, ORACLE, gap_markdown, gap_table
+
+    rng = np.random.default_rng(11)
+    rows = []
+    for run in ("demo", "other"):
+        for dt in (ORACLE, "real", "c-aware-N10"):
+            for task in ("moa", "target"):
+                for split in ("seen", "unseen"):
+                    for fold in range(4):
+                        for metric in ("mAP-label", "mAP-label-chance", "mAP"):
+                            rows.append({"run": run, "data_type": dt, "task": task, "query_split": split,
+                                         "fold": fold, "metric": metric, "value": float(rng.uniform(0.05, 0.9))})
+            for split in ("seen", "unseen"):
+                rows.append({"run": run, "data_type": dt, "task": "truth", "query_split": split, "fold": -1,
+                             "metric": "truth-pearson-mean", "value": float(rng.uniform(0.1, 0.9))})
+    res = pd.DataFrame(rows)
+    table = gap_table(res, "demo").set_index("data_type")
+    assert sorted(table.index) == sorted([ORACLE, "real", "c-aware-N10"])
+
+    def mean(dt, task, split, metric):
+        vals = [r["value"] for r in rows if r["run"] == "demo" and r["data_type"] == dt and r["task"] == task
+                and r["query_split"] == split and r["metric"] == metric]
+        return sum(vals) / len(vals)
+
+    for dt in table.index:
+        gaps = []
+        for task in ("moa", "target"):
+            for split in ("seen", "unseen"):
+                arm, oracle = mean(dt, task, split, "mAP-label"), mean(ORACLE, task, split, "mAP-label")
+                chance = mean(dt, task, split, "mAP-label-chance")
+                gaps.append((arm - chance) / (oracle - chance))
+                assert table.loc[dt, f"{task}_{split}_gap"] == pytest.approx(gaps[-1], rel=1e-12)
+        for split in ("seen", "unseen"):
+            gaps.append(mean(dt, "truth", split, "truth-pearson-mean") / mean(ORACLE, "truth", split,
+                                                                             "truth-pearson-mean"))
+            assert table.loc[dt, f"truth_{split}_gap"] == pytest.approx(gaps[-1], rel=1e-12)
+        assert table.loc[dt, "mean_gap"] == pytest.approx(sum(gaps) / len(GAP_METRICS), rel=1e-12)
+    text = gap_markdown(table.reset_index())
+    assert f"| {ORACLE} | " in text and text.count("(100%)") == len(GAP_METRICS)
+    with pytest.raises(SystemExit, match="no evaluation run 'nope'"):
+        gap_table(res, "nope")
