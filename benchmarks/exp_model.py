@@ -509,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--workdir", default="benchmarks/_work/exp_model")
     parser.add_argument("--copy-from", default=None, help="a finished `cpldm demo --preset demo` lake to copy")
-    parser.add_argument("--out", default="benchmarks/results/exp_model")
+    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results/exp_model; "
+                                                      "--gap-table writes a CSV only when it is given)")
     parser.add_argument("--log", default=None)
     parser.add_argument("--deadline-min", type=float, default=70.0,
                         help="start no arm after this many minutes (the SCM-free arm counts too)")
@@ -545,14 +546,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--copy-from copies a demo lake, whose world is the jump scenario's; drop it to build the "
                      f"{args.scenario} world")
     if args.gap_table:
+        from cpldm_core.errors import UserError
         from pipelines.storage import Lake
 
         lake_uri, eval_run = args.gap_table
-        table = gap_table(Lake(lake_uri).read_named("eval_results").to_pandas(), eval_run)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        table.to_csv(Path(args.out) / f"gap_table_{eval_run}.csv", index=False)
+        try:
+            results = Lake(lake_uri).read_named("eval_results").to_pandas()
+        except UserError as e:   # no evaluation in that lake: one line, not a traceback
+            raise SystemExit(f"--gap-table: {e}") from None
+        table = gap_table(results, eval_run)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            table.to_csv(Path(args.out) / f"gap_table_{eval_run}.csv", index=False)
         print(gap_markdown(table))
         return 0
+    args.out = args.out or "benchmarks/results/exp_model"
     for pairs, compare, name in ((args.interaction, world_interaction, "exp_model_interaction.csv"),
                                  (args.pair_arms, arm_pairing, "exp_model_pair_arms.csv")):
         if pairs:
