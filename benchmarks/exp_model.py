@@ -227,10 +227,10 @@ def gap_table(results: pd.DataFrame, eval_run: str) -> pd.DataFrame:
     """One row per data type of evaluation ``eval_run`` (an ``eval_results`` frame): :func:`scores_of` plus the
     mean of the six gaps (``mean_gap``). What docs/train.md's "gap closed" tables of whole demo lakes are made of
     (``--gap-table LAKE RUN``)."""
-    types = sorted(results.loc[results["run"] == eval_run, "data_type"].unique())
-    if not types:
+    run_rows = results[results["run"] == eval_run]   # select the run once, not once per data type
+    if run_rows.empty:
         raise SystemExit(f"no evaluation run {eval_run!r}; runs: {sorted(results['run'].unique())}")
-    rows = [{"data_type": dt, **scores_of(results, eval_run, dt)} for dt in types]
+    rows = [{"data_type": dt, **scores_of(run_rows, eval_run, dt)} for dt in sorted(run_rows["data_type"].unique())]
     frame = pd.DataFrame(rows)
     return frame.assign(mean_gap=frame[list(GAP_METRICS)].mean(axis=1))
 
