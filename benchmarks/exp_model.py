@@ -422,6 +422,23 @@ def lever_summary(results_dir: Path) -> pd.DataFrame:
     return table.reset_index()
 
 
+def gap_tables_markdown(results_dir: Path) -> list[str]:
+    """The RESULTS.md section of the whole-lake gap tables (``--gap-table ... --out DIR``:
+    ``<results_dir>/<dir>/gap_table_<run>.csv``), one table per file; [] when there is none."""
+    files = sorted(results_dir.glob("*/gap_table_*.csv"))
+    if not files:
+        return []
+    lines = ["## Experiments: whole-lake gap tables (benchmarks/exp_model.py --gap-table)", "",
+             "Gap closed to the c-aware oracle per data type of one finished evaluation run (a `cpldm demo` lake or a "
+             "`cpldm evaluate --run` on it): the value (mAP per label, or mean Pearson r with the truth) and in "
+             "brackets (value - chance) / (oracle - chance). One world, one training seed per model; machine, "
+             "date and reading: docs/train.md and README.md.", ""]
+    for path in files:
+        run = path.stem.removeprefix("gap_table_")
+        lines += [f"### {path.parent.name}: evaluation run `{run}`", "", gap_markdown(pd.read_csv(path)), ""]
+    return lines
+
+
 def levers_markdown(results_dir: Path) -> list[str]:
     """The RESULTS.md section of issue 18's levers (:func:`lever_summary`); [] when no exp_model run is there."""
     table = lever_summary(results_dir)

@@ -472,7 +472,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def write_results_md(results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD) -> str:
     """Rebuild RESULTS.md from every ``results_dir/*.parquet``: one section per module, machine and date named;
-    then the training-lever experiments found under ``results_dir`` (``exp_model.levers_markdown``)."""
+    then the training-lever experiments and whole-lake gap tables found under ``results_dir``
+    (``exp_model.levers_markdown``, ``exp_model.gap_tables_markdown``)."""
     import pyarrow.parquet as pq  # noqa: PLC0415
 
     files = sorted(results_dir.glob("*.parquet"), key=lambda p: _stage_sort_key(p.stem))
@@ -504,9 +505,9 @@ def write_results_md(results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS
             sections += [f"**{status.upper()}**: no figures. Error:", "", "```", first["notes"].strip(), "```", ""]
         else:
             sections += [markdown_table(rows), ""]
-    from benchmarks.exp_model import levers_markdown  # noqa: PLC0415  (issue 18's experiment runs, if any)
+    from benchmarks.exp_model import gap_tables_markdown, levers_markdown  # noqa: PLC0415  (issue 18's runs)
 
-    sections += levers_markdown(results_dir)
+    sections += levers_markdown(results_dir) + gap_tables_markdown(results_dir)
     text = "\n".join(parts + summary + [""] + sections)
     results_md.write_text(text)
     return text

@@ -137,6 +137,11 @@ class ChannelGroupAutoencoder(torch.nn.Module):
             out.append(dist.sample(generator) if sample else dist.mode())
         return torch.cat(out, dim=1) * self.scaling_factor
 
+    def encode_cached(self, x: torch.Tensor) -> np.ndarray:
+        """``(B, 5, H, W)`` float32 in [-1, 1] -> ``(B, 8, H/8, W/8)`` float16 numpy: the posterior mode times
+        ``scaling_factor``, rounded to float16 exactly as the ingest latent cache stores it."""
+        return self.encode(x).float().cpu().numpy().astype(np.float16)
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``(B, 8, h, w)`` scaled latents -> ``(B, 5, 8h, 8w)`` float32 in [-1, 1] (clamped)."""

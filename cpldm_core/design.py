@@ -394,6 +394,9 @@ class GenerateConfig:
         oracle: ``c-aware`` or ``scm-free``: render with the simulator as a perfect p(O | T, C) instead of a
             model (``model_run`` is then unused): c-aware draws C from p'(C) like the scm model,
             scm-free from each compound's observed p(C | T).
+        oracle_vae: oracle only: pass every rendered crop through the latent cache's VAE (encode to the posterior
+            mode, float16 as the cache stores it, decode), i.e. a perfect generator *of latents*: the ceiling of
+            any diffusion model trained on that cache (run ``oracle-<kind>-vae-N<draws>``).
         sampler: ``ddim`` or ``dpm++`` (DPM-Solver++ multistep), built from the training noise schedule.
         steps: sampler steps (DDIM-50 / DPM-Solver++-20 are the usual quality points).
         guidance_scale: classifier-free guidance on the compound (null compound token as the unconditional
@@ -420,6 +423,7 @@ class GenerateConfig:
     shared_draws: bool = True
     seed_namespace: str | None = None
     oracle: Literal["", "c-aware", "scm-free"] = ""
+    oracle_vae: bool = False
     sampler: Literal["ddim", "dpm++"] = "dpm++"
     steps: int = 20
     guidance_scale: float = 1.0
@@ -445,14 +449,17 @@ class GenerateConfig:
             raise UserError(f"generate config: support must be 'joint' or 'independent', got {self.support!r}")
         if self.oracle not in ("", "c-aware", "scm-free"):
             raise UserError(f"generate config: oracle must be 'c-aware' or 'scm-free', got {self.oracle!r}")
+        if self.oracle_vae and not self.oracle:
+            raise UserError("generate config: oracle_vae passes an oracle's images through the VAE; it needs "
+                            "oracle = c-aware or scm-free")
 
     @property
     def run_name(self) -> str:
-        """``--run``, else ``<model_run>-N<draws>`` (``oracle-<kind>-N<draws>`` for an oracle), with
+        """``--run``, else ``<model_run>-N<draws>`` (``oracle-<kind>[-vae]-N<draws>`` for an oracle), with
         ``-g<scale>`` when guided."""
         if self.run:
             return self.run
-        base = f"oracle-{self.oracle}" if self.oracle else self.model_run
+        base = f"oracle-{self.oracle}{'-vae' if self.oracle_vae else ''}" if self.oracle else self.model_run
         guided = f"-g{self.guidance_scale:g}" if self.guidance_scale != 1.0 and not self.oracle else ""
         return f"{base}-N{self.draws}{guided}"
 

@@ -80,7 +80,7 @@ def _find(obj, keys: tuple[str, ...]):
 def synthetic_data_type(lake: Lake, gen_run: str) -> str:
     """Data type name of a generation run: ``c-aware-N10`` (scm) / ``non-c-aware-N10`` (scm-free), with
     ``-g<scale>`` when sampled with classifier-free guidance != 1; ``oracle-c-aware-N10`` / ``oracle-scm-free-N10``
-    for the simulator used as the generator."""
+    for the simulator used as the generator, ``oracle-c-aware-vae-N10`` when its images went through the VAE."""
     kind, draws = None, None
     rel = f"synthetic/{gen_run}/config.json"
     if lake.exists(rel):
@@ -92,7 +92,8 @@ def synthetic_data_type(lake: Lake, gen_run: str) -> str:
             if oracle not in ORACLE_NAMES or draws is None:
                 raise UserError(f"{lake.uri_of(rel)}: oracle {oracle!r} (one of {', '.join(ORACLE_NAMES)}) "
                                 f"with draws {draws!r}")
-            return f"{ORACLE_NAMES[oracle]}-N{int(draws)}"
+            through_vae = "-vae" if _find(cfg, ("oracle_vae",)) else ""   # a perfect latent generator
+            return f"{ORACLE_NAMES[oracle]}{through_vae}-N{int(draws)}"
         kind = _find(cfg, ("model_kind", "kind"))
     if kind is None or draws is None:  # fall back on the conventional run name "<kind>-N<draws>"
         match = re.fullmatch(r"(scm-free|scm)(?:-.*)?-N(\d+)", gen_run)

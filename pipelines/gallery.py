@@ -80,7 +80,9 @@ def find_runs(lake, cfg: GalleryConfig) -> dict[str, str]:
 
     def unguided(kind: str, oracle: bool) -> list[str]:
         def fits(g: dict) -> bool:
-            return (g.get("oracle") == kind) if oracle else (g.get("model_kind") == kind and not g.get("oracle"))
+            # the oracle row shows the simulator's own images, not those passed through the VAE (--oracle-vae)
+            return (g.get("oracle") == kind and not g.get("oracle_vae")) if oracle else \
+                (g.get("model_kind") == kind and not g.get("oracle"))
         # the truth run is an oracle run too, but from its own namespace: never a gallery row
         return sorted(r for r, g in records.items() if r != "truth" and fits(g)
                       and float(g.get("guidance_scale", 1.0)) == 1.0)

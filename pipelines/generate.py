@@ -243,6 +243,7 @@ class GenerationJob:
     export_tiff: bool
     oracle: str = ""              # "" (a model run) | c-aware | scm-free
     crop: tuple = ()              # oracle: ingest's (crop_mode, crop_size, tile_grid)
+    vae_source: dict | None = None  # oracle_vae: the cache's VAE (pipelines.ingest.resolve_vae form)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -357,37 +358,70 @@ class OracleRenderer(BlockGenerator):
     Each row: ``render_condition(world, compound, source, batch, well, default_rng(seed))`` -> the site at the
     world's field size, then exactly ingest's transform of a real site (global per-channel normalisation to
     [-1, 1], the ingest crop) and :func:`cpldm_core.images.denormalise` back to uint16, which is the
-    representation a model's decoded images are stored in. Usable without Ray.
+    representation a model's decoded images are stored in. With ``--oracle-vae`` the normalised crops first go
+    through the cache's VAE as ingest and a model's decoder would (encode to float16 latents, decode). Usable
+    without Ray.
     """
 
-    def __init__(self, lake, job: GenerationJob):  # noqa: D107 (no model to load: the world only)
+    def __init__(self, lake, job: GenerationJob):  # noqa: D107 (no model to load: the world, and maybe the VAE)
         from pipelines.simulate import load_world
 
         self.lake, self.job = lake, job
         self.world = load_world(lake)
         self.images = None
+        self.autoencoder = None
+        if job.vae_source is not None:
+            import torch
+
+            from pipelines.ingest import load_autoencoder
+
+            torch.set_num_threads(max(1, job.threads))
+            self.autoencoder = load_autoencoder(lake, job.vae_source, job.channel_groups)
 
     def generate(self, design: pd.DataFrame) -> np.ndarray:
         """Images of design rows: ``(B, 5, H, W) uint16``, H = W = the ingest crop size."""
-        return np.stack([oracle_image(self.world, row.Metadata_JCP2022, row.Metadata_Source, row.Metadata_Batch,
-                                      row.Metadata_Well, int(row.Metadata_Seed), self.job.normalisation,
-                                      self.job.crop)
-                         for row in design.itertuples(index=False)]) if len(design) else \
-            np.zeros((0, *self.job.image_shape), np.uint16)
+        from cpldm_core.images import denormalise
+
+        if not len(design):
+            return np.zeros((0, *self.job.image_shape), np.uint16)
+        norm = self.job.normalisation
+        crops = np.stack([oracle_crop(self.world, row.Metadata_JCP2022, row.Metadata_Source, row.Metadata_Batch,
+                                      row.Metadata_Well, int(row.Metadata_Seed), norm, self.job.crop)
+                          for row in design.itertuples(index=False)])
+        if self.autoencoder is None:
+            return denormalise(crops, norm["low"], norm["high"])
+        import torch
+
+        from pipelines.vae_recon import decode_stored
+
+        batch = self.job.batch_size
+        latents = np.concatenate([self.autoencoder.encode_cached(torch.from_numpy(crops[i:i + batch]))
+                                  for i in range(0, len(crops), batch)])
+        return decode_stored(self.autoencoder, latents, norm, batch)
 
 
-def oracle_image(world, compound: str, source: str, batch: str, well: str, seed: int, normalisation: dict,
-                 crop: tuple) -> np.ndarray:
-    """One oracle image ``(5, S, S) uint16``: the simulator's site for (compound, confounders) with fresh cells
-    from ``seed``, normalised and cropped as ingest does a real site (``crop = (mode, size, grid)``; tile mode
-    keeps tile ``seed % tiles``), stored as :func:`~cpldm_core.images.denormalise` stores decoded images."""
+def oracle_crop(world, compound: str, source: str, batch: str, well: str, seed: int, normalisation: dict,
+                crop: tuple) -> np.ndarray:
+    """One oracle crop ``(5, S, S) float32`` in [-1, 1]: the simulator's site for (compound, confounders) with
+    fresh cells from ``seed``, normalised and cropped as ingest does a real site (``crop = (mode, size, grid)``;
+    tile mode keeps tile ``seed % tiles``)."""
     from cpldm_core import images as im
     from cpldm_core.simulate.oracle import render_condition
 
     raw = render_condition(world, compound, source, batch, well, np.random.default_rng(int(seed)))
     mode, size, grid = crop
     crops = im.crops_of(im.normalise(raw, normalisation["low"], normalisation["high"]), mode, int(size), int(grid))
-    return im.denormalise(crops[int(seed) % len(crops)], normalisation["low"], normalisation["high"])
+    return crops[int(seed) % len(crops)]
+
+
+def oracle_image(world, compound: str, source: str, batch: str, well: str, seed: int, normalisation: dict,
+                 crop: tuple) -> np.ndarray:
+    """One oracle image ``(5, S, S) uint16``: :func:`oracle_crop` stored as
+    :func:`~cpldm_core.images.denormalise` stores decoded images."""
+    from cpldm_core import images as im
+
+    return im.denormalise(oracle_crop(world, compound, source, batch, well, seed, normalisation, crop),
+                          normalisation["low"], normalisation["high"])
 
 
 def write_manifest(lake, job: GenerationJob, block: int, design: pd.DataFrame) -> None:
@@ -458,6 +492,7 @@ def check_run_config(lake, job: GenerationJob, config: GenerateConfig) -> dict:
         "shared_draws": job.spec.shared_draws, "dmso_per_draw": job.spec.dmso_per_draw,
         "plates": "one per draw (Metadata_Plate = draw-<i:04d>), normalised against its own DMSO images",
         "seed_namespace": job.spec.namespace, "oracle": job.oracle or None,
+        "oracle_vae": job.vae_source is not None,
         "block_size": job.spec.block_size, "image_shape": list(job.image_shape), "encoder": job.encoder,
         "vae": job.vae_location, "vae_id": job.vae_id, "normalisation": job.normalisation,
         "design_fingerprint": job.spec.fingerprint(),
@@ -467,7 +502,7 @@ def check_run_config(lake, job: GenerationJob, config: GenerateConfig) -> dict:
     planned = generation_record(lake, job, config)
     write_or_refuse_run(lake, job.gen_run, config, record, planned,
                         keys=("model_run", "design_fingerprint", "sampler", "steps", "guidance_scale", "image_shape",
-                              "vae", "oracle"))
+                              "vae", "oracle", "oracle_vae"))
     return record
 
 
@@ -653,10 +688,17 @@ def plan_oracle(lake, config: GenerateConfig) -> tuple[GenerationJob, list[dict]
     kind = f"oracle-{config.oracle}"
     model = ModelInfo(model_run=kind, rel_dir="", kind=kind, vocab={}, metadata={}, latent_shape=(0, 0, 0),
                       compound_input="")
-    job = GenerationJob(gen_run=config.run_name, spec=spec, model=model, encoder="", vae_location="",
-                        vae_subfolder=None, vae_id=vae_id, channel_groups=(), normalisation=norm,
-                        sampler="simulator", steps=0, guidance_scale=1.0, batch_size=config.batch_size,
-                        device="cpu", threads=1, export_tiff=config.export_tiff, oracle=config.oracle, crop=crop)
+    vae: dict = {"vae_location": "", "vae_subfolder": None, "channel_groups": ()}
+    if config.oracle_vae:   # through the VAE that made the cache, as a model trained on it would decode
+        from pipelines.ingest import read_latent_cache, recorded_vae_source
+        record = read_latent_cache(lake, vae_id)
+        vae = {"vae_location": record.vae_location, "vae_subfolder": record.vae_subfolder,
+               "channel_groups": tuple(tuple(g) for g in record.channel_groups),
+               "vae_source": recorded_vae_source(lake, vae_id)[0]}
+    job = GenerationJob(gen_run=config.run_name, spec=spec, model=model, encoder="", vae_id=vae_id,
+                        normalisation=norm, sampler="simulator", steps=0, guidance_scale=1.0,
+                        batch_size=config.batch_size, device="cpu", threads=max(1, int(config.cpus_per_actor)),
+                        export_tiff=config.export_tiff, oracle=config.oracle, crop=crop, **vae)
     return job, rejects
 
 
@@ -848,6 +890,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dmso-per-draw", type=int, help="DMSO images per draw (its plate's controls; default 8)")
     p.add_argument("--oracle", choices=("c-aware", "scm-free"),
                    help="render with the simulator as a perfect generator instead of a model")
+    p.add_argument("--oracle-vae", action="store_true", default=None,
+                   help="with --oracle: pass each rendered crop through the latent cache's VAE (a perfect latent "
+                        "generator: the ceiling of any model trained on that cache)")
     p.add_argument("--seed-namespace", help="hash namespace of seeds/confounders (default: the run name)")
     p.add_argument("--actors", type=int, help="model-holding Ray actors")
     p.add_argument("--cpus-per-actor", type=float)
@@ -860,7 +905,7 @@ def add_parser(subparsers) -> None:
 _FLAG_KEYS = {"model_run": "model_run", "draws": "draws", "compounds": "compounds", "sampler": "sampler",
               "steps": "steps", "guidance": "guidance_scale", "run": "run", "design": "design",
               "support": "support", "shared_draws": "shared_draws", "dmso_per_draw": "dmso_per_draw",
-              "oracle": "oracle", "seed_namespace": "seed_namespace", "actors": "actors",
+              "oracle": "oracle", "oracle_vae": "oracle_vae", "seed_namespace": "seed_namespace", "actors": "actors",
               "cpus_per_actor": "cpus_per_actor", "gpus_per_actor": "gpus_per_actor", "export_tiff": "export_tiff",
               "vae": "vae"}
 

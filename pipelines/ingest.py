@@ -244,8 +244,7 @@ class Encoder:
         h = x.shape[-1] // 8
         lat = np.full((len(x), 8, h, h), np.nan, np.float16)
         if ok.any():
-            z = self.model.encode(self.torch.from_numpy(np.ascontiguousarray(x[ok])))
-            lat[ok] = z.float().cpu().numpy().astype(np.float16)
+            lat[ok] = self.model.encode_cached(self.torch.from_numpy(np.ascontiguousarray(x[ok])))
         batch["latent"] = lat
         return batch
 
@@ -368,6 +367,17 @@ def latent_cache_record(config: im.IngestConfig, source: dict, vae: InputRef, gr
 def read_latent_cache(lake, vae_id: str) -> LatentCache:
     """The record of ``latents/<vae_id>/`` (one-line error naming `cpldm ingest` when it is missing or older)."""
     return read_record(lake, f"latents/{vae_id}", LatentCache, vae_id)
+
+
+def recorded_vae_source(lake, vae_id: str) -> tuple[dict, dict]:
+    """``(vae_source, ingest config)`` recorded in ``latents/<vae_id>/config.json``: the VAE that made the cache
+    (:func:`resolve_vae` form, for :func:`load_autoencoder`) and the crop/illumination settings it was made with."""
+    recorded = lake.read_json(f"latents/{vae_id}/config.json")
+    source = recorded.get("vae_source")
+    if not source:
+        raise UserError(f"{lake.uri_of(f'latents/{vae_id}/config.json')} does not record its vae_source; "
+                        "rerun `cpldm ingest --force`")
+    return source, recorded.get("config") or {}
 
 
 def run(lake, config: im.IngestConfig, units: list[str] | None = None, max_units: int | None = None,

@@ -162,11 +162,7 @@ def plan(lake, config: VaeReconConfig) -> tuple[ReconJob, pd.DataFrame]:
         raise UserError(f"vae-recon decodes the latent cache of `cpldm ingest`, and {lake.uri_of('latents')} holds "
                         "none or several: run `cpldm ingest`, or pass --vae-id <vae_id>") from None
     record = ingest.read_latent_cache(lake, vae_id)
-    recorded = lake.read_json(f"latents/{vae_id}/config.json")
-    source, ing = recorded.get("vae_source"), recorded.get("config") or {}
-    if not source:
-        raise UserError(f"{lake.uri_of(f'latents/{vae_id}/config.json')} does not record its vae_source; "
-                        "rerun `cpldm ingest --force`")
+    source, ing = ingest.recorded_vae_source(lake, vae_id)
     norm = ingest.read_normalisation(lake, vae_id).to_dict()
     sites = select_sites(lake, config.sites)
     index_path = f"latents/index/vae={vae_id}"
@@ -284,8 +280,7 @@ class BlockReconstructor:
         normalisation, crop) and the cache's VAE, rounded to float16 as the cache stores them."""
         import torch
 
-        x = torch.from_numpy(read_crops(self.reader, rows))
-        return self.autoencoder.encode(x).float().cpu().numpy().astype(np.float16)
+        return self.autoencoder.encode_cached(torch.from_numpy(read_crops(self.reader, rows)))
 
     def block_latents(self, rows: pd.DataFrame) -> np.ndarray:
         """Latents of a block's rows, in row order: cached rows read from the cache, the others encoded now."""
@@ -300,17 +295,7 @@ class BlockReconstructor:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """``(n, 8, h, w)`` latents -> ``(n, 5, 8h, 8w) uint16``, exactly as generation stores a decoded image."""
-        import torch
-
-        from cpldm_core.images import denormalise
-
-        job = self.job.gen
-        low, high = job.normalisation["low"], job.normalisation["high"]
-        out = np.empty((len(latents), *job.image_shape), np.uint16)
-        for start in range(0, len(latents), job.batch_size):
-            z = torch.from_numpy(latents[start:start + job.batch_size].astype(np.float32)).to(self.device)
-            out[start:start + len(z)] = denormalise(self.autoencoder.decode(z).float().cpu().numpy(), low, high)
-        return out
+        return decode_stored(self.autoencoder, latents, self.job.gen.normalisation, self.job.gen.batch_size)
 
     def __call__(self, block: int) -> dict:
         import zarr
@@ -331,6 +316,24 @@ class BlockReconstructor:
 
     def gen(self, block: int) -> dict:   # Ray actors are called through a named method
         return self(block)
+
+
+def decode_stored(autoencoder, latents: np.ndarray, normalisation: dict, batch_size: int) -> np.ndarray:
+    """``(n, 8, h, w)`` scaled latents (float16 as cached, or float32) -> ``(n, 5, 8h, 8w) uint16``: decoded by
+    ``autoencoder`` in batches of ``batch_size`` and stored with
+    :func:`cpldm_core.images.denormalise` (the cache's ``normalisation``), as generation stores a decoded image."""
+    import torch
+
+    from cpldm_core.autoencoder import DOWNSAMPLE
+    from cpldm_core.images import denormalise
+
+    low, high = normalisation["low"], normalisation["high"]
+    n, _, h, w = latents.shape
+    out = np.empty((n, autoencoder.n_channels, h * DOWNSAMPLE, w * DOWNSAMPLE), np.uint16)
+    for start in range(0, n, batch_size):   # decode() moves z to the VAE's device
+        z = torch.from_numpy(np.asarray(latents[start:start + batch_size], dtype=np.float32))
+        out[start:start + len(z)] = denormalise(autoencoder.decode(z).float().cpu().numpy(), low, high)
+    return out
 
 
 def design_frame(rows: pd.DataFrame) -> pd.DataFrame:

@@ -285,5 +285,10 @@ def test_gap_table_matches_a_naive_computation_of_the_gap_closed(tmp_path):
         assert table.loc[dt, "mean_gap"] == pytest.approx(sum(gaps) / len(GAP_METRICS), rel=1e-12)
     text = gap_markdown(table.reset_index())
     assert f"| {ORACLE} | " in text and text.count("(100%)") == len(GAP_METRICS)
+    # a table written with --out lands in RESULTS.md, rebuilt from the results directory
+    (tmp_path / "science").mkdir()
+    table.reset_index().to_csv(tmp_path / "science" / "gap_table_demo.csv", index=False)
+    md = harness.write_results_md(tmp_path, tmp_path / "RESULTS.md")
+    assert "### science: evaluation run `demo`" in md and text in md
     with pytest.raises(SystemExit, match="no evaluation run 'nope'"):
         gap_table(res, "nope")

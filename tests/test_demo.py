@@ -87,18 +87,28 @@ def test_demo_overrides_reach_the_vae_fit_and_both_trainings(monkeypatch):
     top of the stage presets; a bad key fails when the steps are built, naming the key."""
     import pytest
 
+    import dataclasses
+
     from cpldm_core.autoencoder import FIT_VAE_PRESETS
     from cpldm_core.diffusion import TRAIN_PRESETS
     from cpldm_core.errors import UserError
-    from pipelines import fit_vae, train
+    from cpldm_core.images import INGEST_PRESETS
+    from pipelines import fit_vae, ingest, train
 
     seen = []
     monkeypatch.setattr(fit_vae, "run", lambda lake, cfg: seen.append(("fit-vae", cfg)) or {})
     monkeypatch.setattr(train, "run", lambda lake, cfg, run: seen.append((run, cfg)) or {})
-    steps = dict(demo._steps(demo.DEMO_PRESETS["science"]))
-    for name in ("fit-vae", "train-scm", "train-scm-free"):
+    monkeypatch.setattr(ingest, "run", lambda lake, cfg: seen.append(("ingest", cfg)) or {})
+    science = demo.DEMO_PRESETS["science"]
+    steps = dict(demo._steps(dataclasses.replace(science, ingest_set=("crop_mode=tile", "tile_grid=2"))))
+    for name in ("fit-vae", "ingest", "train-scm", "train-scm-free"):
         steps[name](None)
     got = dict(seen)
+    assert (got["ingest"].crop_mode, got["ingest"].tile_grid, got["ingest"].crop_size) == \
+        ("tile", 2, INGEST_PRESETS["demo"].crop_size)
+    # the VAE-ceiling oracle: same draws (namespace) as the models, in the demo and science presets, not in tiny
+    assert "generate-oracle-c-aware-vae-N10" in steps
+    assert not any("vae-N" in name for name, _ in demo._steps(demo.DEMO_PRESETS["tiny"]))
     assert got["fit-vae"].steps == 3000 and got["fit-vae"].crop_size == FIT_VAE_PRESETS["demo"].crop_size
     for model in ("scm", "scm-free"):
         cfg = got[model]
