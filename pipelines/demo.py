@@ -134,12 +134,11 @@ def _steps(cfg: DemoConfig) -> list[tuple[str, Callable[[Lake], dict]]]:
             gen_runs.append(gcfg.run_name)
             steps.append((f"generate-{gcfg.run_name}", lambda lake, g=gcfg: generate.run(lake, g)))
     for n in cfg.oracle_draws:
-        for oracle in ("c-aware", "scm-free"):
-            gcfg = generate_preset(p, oracle=oracle, draws=n, seed_namespace=f"demo-N{n}")
-            gen_runs.append(gcfg.run_name)
-            steps.append((f"generate-{gcfg.run_name}", lambda lake, g=gcfg: generate.run(lake, g)))
-        if cfg.oracle_vae:
-            gcfg = generate_preset(p, oracle="c-aware", oracle_vae=True, draws=n, seed_namespace=f"demo-N{n}")
+        # the two oracles, then (oracle_vae) the c-aware one through the VAE, all with the models' draws
+        for oracle, through_vae in (("c-aware", False), ("scm-free", False), ("c-aware", True)):
+            if through_vae and not cfg.oracle_vae:
+                continue
+            gcfg = generate_preset(p, oracle=oracle, oracle_vae=through_vae, draws=n, seed_namespace=f"demo-N{n}")
             gen_runs.append(gcfg.run_name)
             steps.append((f"generate-{gcfg.run_name}", lambda lake, g=gcfg: generate.run(lake, g)))
     # the interventional truth: the c-aware oracle over p'(C), its own namespace (fresh cells and noise)

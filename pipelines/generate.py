@@ -690,10 +690,9 @@ def plan_oracle(lake, config: GenerateConfig) -> tuple[GenerationJob, list[dict]
                       compound_input="")
     vae: dict = {"vae_location": "", "vae_subfolder": None, "channel_groups": ()}
     if config.oracle_vae:   # through the VAE that made the cache, as a model trained on it would decode
-        from pipelines.ingest import read_latent_cache, recorded_vae_source
-        record = read_latent_cache(lake, vae_id)
-        vae = {"vae_location": record.vae_location, "vae_subfolder": record.vae_subfolder,
-               "channel_groups": tuple(tuple(g) for g in record.channel_groups),
+        from pipelines.ingest import recorded_vae_source
+        vae = {"vae_location": cache.vae_location, "vae_subfolder": cache.vae_subfolder,
+               "channel_groups": tuple(tuple(g) for g in cache.channel_groups),
                "vae_source": recorded_vae_source(lake, vae_id)[0]}
     job = GenerationJob(gen_run=config.run_name, spec=spec, model=model, encoder="", vae_id=vae_id,
                         normalisation=norm, sampler="simulator", steps=0, guidance_scale=1.0,
