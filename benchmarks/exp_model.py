@@ -24,7 +24,7 @@ latents with fixed noise (the demo world holds out no batch, so the train histor
         [--scenario unconfounded] [--vae-fit-steps 3000] [--guidance 2]
     python -m benchmarks.exp_model --interaction CONFOUNDED_OUT CONTROL_OUT --out DIR
     python -m benchmarks.exp_model --pair-arms BASE_OUT OTHER_OUT --out DIR
-    python -m benchmarks.exp_model --gap-table LAKE EVAL_RUN [--out DIR]
+    python -m benchmarks.exp_model --gap-table LAKE EVAL_RUN [--out DIR] [--seed-pair SEED C_AWARE_DT SCM_FREE_DT ...]
 
 ``--scenario``: the world (``<workdir>/<scenario>-seed0``; ``unconfounded`` is the control where the two models
 should not differ). ``--vae-id`` names a latent cache; one the lake lacks is made first: the demo VAE fitted for
@@ -38,7 +38,8 @@ another ``--out``, ``--pair-arms`` then pairs it with the unguided run.
 minus the first per model, paired by training seed, to ``<out>/exp_model_pair_arms.csv``.
 ``--gap-table``: the gap closed to the c-aware oracle per data type of one finished evaluation run of any lake
 (e.g. a demo lake's ``demo`` run, or one ``cpldm evaluate --run`` made), printed as the docs' markdown table and
-written to ``<out>/gap_table_<EVAL_RUN>.csv``.
+written to ``<out>/gap_table_<EVAL_RUN>.csv``; with ``--seed-pair`` (repeated, one per training seed) also the
+c-aware - SCM-free difference paired by seed, to ``<out>/paired_seeds_<EVAL_RUN>.csv``.
 
 ``--seeds``: replicate training seeds (TrainConfig.seed: initial weights, data order, noise; a training run
 is reproducible bit for bit given its seed): each arm is trained c-aware and SCM-free per seed (runs
@@ -233,6 +234,21 @@ def gap_table(results: pd.DataFrame, eval_run: str) -> pd.DataFrame:
     rows = [{"data_type": dt, **scores_of(run_rows, eval_run, dt)} for dt in sorted(run_rows["data_type"].unique())]
     frame = pd.DataFrame(rows)
     return frame.assign(mean_gap=frame[list(GAP_METRICS)].mean(axis=1))
+
+
+def seed_pairs(table: pd.DataFrame, pairs: list[tuple[str, str, str]], arm: str) -> pd.DataFrame:
+    """c-aware - SCM-free gap closed paired by training seed (:func:`paired_over_seeds`) from one evaluation's
+    :func:`gap_table`: ``pairs`` = [(seed, c-aware data type, SCM-free data type), ...], the models trained outside
+    ``exp_model`` (e.g. with ``cpldm train --set seed=K`` into a science lake) and evaluated in one run."""
+    by_dt = table.set_index("data_type")
+    rows = []
+    for seed, scm_dt, free_dt in pairs:
+        for model, dt in (("scm", scm_dt), ("scm-free", free_dt)):
+            if dt not in by_dt.index:
+                raise SystemExit(f"--seed-pair: no data type {dt!r} in the evaluation; it has {sorted(by_dt.index)}")
+            rows.append({"arm": arm, "model": model, "seed": int(seed),
+                         **{m: float(by_dt.loc[dt, m]) for m in GAP_METRICS}})
+    return paired_over_seeds(pd.DataFrame(rows))
 
 
 def gap_markdown(table: pd.DataFrame) -> str:
@@ -545,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap-table", nargs=2, default=None, metavar=("LAKE", "EVAL_RUN"),
                         help="print the gap closed per data type of a finished evaluation (e.g. a demo lake's "
                              "`demo` run) as a markdown table, and write it to OUT/gap_table_<EVAL_RUN>.csv")
+    parser.add_argument("--seed-pair", nargs=3, action="append", default=None,
+                        metavar=("SEED", "C_AWARE_DT", "SCM_FREE_DT"),
+                        help="with --gap-table, repeated: the two models of one training seed in that evaluation; "
+                             "writes the c-aware - SCM-free difference paired by seed to "
+                             "OUT/paired_seeds_<EVAL_RUN>.csv")
     parser.add_argument("--pair-arms", nargs=2, default=None, metavar=("BASE_OUT", "OTHER_OUT"),
                         help="two finished --seeds runs of different arms (same world, VAE, seeds): OTHER - BASE per "
                              "model, paired by seed, to <out>/exp_model_pair_arms.csv")
@@ -576,6 +597,11 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             table.to_csv(Path(args.out) / f"gap_table_{eval_run}.csv", index=False)
         print(gap_markdown(table))
+        if args.seed_pair:
+            paired = seed_pairs(table, args.seed_pair, arm=eval_run)
+            if args.out:
+                paired.to_csv(Path(args.out) / f"paired_seeds_{eval_run}.csv", index=False)
+            print(paired.round(3).to_string(index=False))
         return 0
     args.out = args.out or "benchmarks/results/exp_model"
     for pairs, compare, name in ((args.interaction, world_interaction, "exp_model_interaction.csv"),

@@ -6,7 +6,9 @@ Conditioning tokens (the paper's SCM-conditioned model, METHOD.md "Model"):
            + [source token, batch token, well-row token, well-column token]       (``kind="scm"`` only)
 
 ``kind="scm-free"`` is the same network whose cross-attention sees the compound tokens only: the two models differ
-exactly in the four confounder tokens (same U-Net, same compound projection).
+exactly in the four confounder tokens (same U-Net, same compound projection). With ``global_condition`` the same
+tokens also enter the timestep embedding (mean compound token, then the confounder tokens), so the first layer of
+that projection is W wide in ``scm-free`` and 5 W in ``scm``: again the confounders and nothing else.
 
 Two kinds of "null" token support classifier-free guidance and marginalisation:
 - ``drop_mask`` (B,) bool replaces a sample's compound tokens by a learned null compound token (conditioning
@@ -167,11 +169,16 @@ class ConfounderAwareDenoiser(nn.Module):
         sample_size: latent side the model is trained on; overrides the preset's ``sample_size`` so that the
             saved config says which latents the model knows (the U-Net itself is convolutional and would
             accept any side, but samples drawn at another side than the trained one are out of distribution).
+        global_condition: also add the conditioning to the U-Net's timestep embedding (diffusers'
+            ``class_embed_type="projection"``), which shifts every ResNet block at every resolution, the
+            first level included; cross-attention reaches only the two deepest levels. The global vector is
+            the masked mean of the compound tokens, followed (``scm``) by the four confounder tokens: (B, W)
+            or (B, 5 W). Saved in the U-Net config, so a loaded model knows it.
     """
 
     def __init__(self, unet: str | dict = "tiny", kind: str = "scm", vocab: ConfounderVocab | None = None,
                  compound_dim: int = 2048, compound_tokens: int = 1, compound_input: str = "pooled",
-                 metadata: dict | None = None, sample_size: int | None = None):
+                 metadata: dict | None = None, sample_size: int | None = None, global_condition: bool = False):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
@@ -189,6 +196,13 @@ class ConfounderAwareDenoiser(nn.Module):
             unet_config = dict(unet)
         if sample_size is not None:
             unet_config["sample_size"] = int(sample_size)
+        if global_condition:
+            n_global = 1 + (4 if kind == "scm" else 0)
+            unet_config.update(class_embed_type="projection",
+                               projection_class_embeddings_input_dim=n_global * int(unet_config["cross_attention_dim"]))
+        elif unet_config.get("class_embed_type") not in (None, "projection"):
+            raise UserError(f"U-Net class_embed_type {unet_config['class_embed_type']!r} is not supported "
+                            "(the denoiser's only class embedding is the global condition, 'projection')")
         self.unet_preset = unet if isinstance(unet, str) else None
         self.unet_config = unet_config
         self.kind = kind
@@ -196,6 +210,7 @@ class ConfounderAwareDenoiser(nn.Module):
         self.compound_dim = int(compound_dim)
         self.compound_tokens = int(compound_tokens)
         self.compound_input = compound_input
+        self.global_condition = unet_config.get("class_embed_type") == "projection"
         self.metadata = dict(metadata or {})
 
         self.unet = UNet2DConditionModel(**unet_config)
@@ -291,8 +306,18 @@ class ConfounderAwareDenoiser(nn.Module):
         tokens, mask = self.condition(compound, compound_mask, confounders, drop_mask)
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(latents.shape[0])
+        class_labels = self.global_vector(tokens, mask) if self.global_condition else None
         return self.unet(latents, timesteps, encoder_hidden_states=tokens,
-                         encoder_attention_mask=mask.to(tokens.dtype)).sample
+                         encoder_attention_mask=mask.to(tokens.dtype), class_labels=class_labels).sample
+
+    def global_vector(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The global condition (B, W) or (B, 5 W) from :meth:`condition`'s tokens (B, T, W) and mask (B, T):
+        the masked mean of the compound tokens, then (``scm``) the four confounder tokens in order."""
+        n_conf = self.n_confounder_tokens
+        n_comp = tokens.shape[1] - n_conf
+        weights = mask[:, :n_comp].to(tokens.dtype)[..., None]
+        compound = (tokens[:, :n_comp] * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return torch.cat([compound, tokens[:, n_comp:].flatten(1)], dim=1) if n_conf else compound
 
     # ------------------------------------------------------------------ persistence
     def config_dict(self) -> dict:

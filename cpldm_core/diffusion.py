@@ -107,7 +107,8 @@ def v_prediction_loss(model: torch.nn.Module, latents: torch.Tensor, compound: t
                       compound_mask: torch.Tensor | None = None, confounders: torch.Tensor | None = None, *,
                       scheduler=None, cond_dropout: float = 0.0, confounder_dropout: float = 0.0,
                       generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
-                      null_codes: Sequence[int] | None = None, snr_gamma: float = 0.0) -> torch.Tensor:
+                      null_codes: Sequence[int] | None = None, snr_gamma: float = 0.0,
+                      compound_feature_dropout: float = 0.0) -> torch.Tensor:
     """Mean squared error between the model's v and the true v at random timesteps: a scalar float32 tensor.
 
     Args:
@@ -121,6 +122,9 @@ def v_prediction_loss(model: torch.nn.Module, latents: torch.Tensor, compound: t
         generator: torch generator for timesteps, noise and dropout (on the latents' device).
         timesteps: fixed (B,) timesteps instead of uniform draws (used by validation for a low-variance loss).
         snr_gamma: > 0 weights each sample's MSE by :func:`min_snr_weights` (min-SNR-gamma); 0 = plain mean.
+        compound_feature_dropout: probability of zeroing each compound input feature (fingerprint bit or token
+            dimension), survivors scaled by 1 / (1 - p): inverted dropout on the input, drawn from ``generator``
+            (so a seeded run stays reproducible; p = 0 draws nothing).
     """
     scheduler = scheduler if scheduler is not None else make_scheduler("ddpm")
     acp = scheduler.alphas_cumprod
@@ -132,6 +136,9 @@ def v_prediction_loss(model: torch.nn.Module, latents: torch.Tensor, compound: t
     noise = torch.randn(x0.shape, generator=generator, device=device)
     noisy = add_noise(acp, x0, noise, timesteps)
     target = v_target(acp, x0, noise, timesteps)
+    if compound_feature_dropout > 0:
+        keep = torch.rand(compound.shape, generator=generator, device=device) >= compound_feature_dropout
+        compound = compound * keep.to(compound.dtype) / (1.0 - compound_feature_dropout)
     drop = None
     if cond_dropout > 0:
         drop = torch.rand(b, generator=generator, device=device) < cond_dropout
@@ -237,6 +244,7 @@ class TrainConfig:
     encoder_id: str = field(default="", metadata=LAKE_NAME)  # embeddings partition; "" = the only one in the lake
     compound_input: str = "pooled"          # pooled (embeddings table) | tokens (embeddings/<id>/tokens.zarr)
     compound_tokens: int = 4                # tokens a pooled vector is projected to
+    global_condition: bool = False          # conditioning also added to the timestep embedding (every block)
     schedule: ScheduleConfig = ScheduleConfig()
     max_steps: int = 300                    # optimiser steps; 0 = derive from ``epochs``
     epochs: float = 0.0                     # used when max_steps == 0 (paper: 30)
@@ -250,6 +258,7 @@ class TrainConfig:
     lr_schedule: str = "constant"           # after warm-up: constant (paper) | cosine (decay to 0 at max_steps)
     snr_gamma: float = field(default=0.0, metadata=bounds(ge=0))  # > 0: min-SNR-gamma loss weighting; 0 = plain MSE
     cond_dropout: float = field(default=0.1, metadata=bounds(ge=0, le=1))  # P(drop compound tokens): classifier-free guidance
+    compound_feature_dropout: float = field(default=0.0, metadata=bounds(ge=0, lt=1))  # P(zero) per compound input feature
     confounder_dropout: float = field(default=0.1, metadata=bounds(ge=0, le=1))  # P(null token) per confounder (scm): held-out-batch validation
     checkpoint_every: int = field(default=100, metadata=bounds(ge=1))  # steps between checkpoints (and history flushes)
     keep_checkpoints: int = 2

@@ -380,7 +380,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = ConfounderAwareDenoiser(cfg.unet_preset, kind=cfg.model, vocab=vocab,
                                     compound_dim=int(comp_table.shape[-1]), compound_tokens=cfg.compound_tokens,
                                     compound_input=cfg.compound_input, metadata=loop_config["metadata"],
-                                    sample_size=int(loop_config["metadata"]["latent_shape"][-1]))
+                                    sample_size=int(loop_config["metadata"]["latent_shape"][-1]),
+                                    global_condition=cfg.global_condition)
     ema = None
     if cfg.ema_decay > 0 and rank == 0:
         ema = model.clone().requires_grad_(False)
@@ -450,7 +451,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                      batch["confounders"].long() if cfg.model == "scm" else None,
                                      scheduler=scheduler, cond_dropout=cfg.cond_dropout,
                                      confounder_dropout=cfg.confounder_dropout if cfg.model == "scm" else 0.0,
-                                     generator=gen, null_codes=null_codes, snr_gamma=cfg.snr_gamma)
+                                     generator=gen, null_codes=null_codes, snr_gamma=cfg.snr_gamma,
+                                     compound_feature_dropout=cfg.compound_feature_dropout)
             (loss / cfg.grad_accum).backward()
         accum += float(loss.detach()) / cfg.grad_accum
         if not last_micro:

@@ -292,3 +292,28 @@ def test_gap_table_matches_a_naive_computation_of_the_gap_closed(tmp_path):
     assert "### science: evaluation run `demo`" in md and text in md
     with pytest.raises(SystemExit, match="no evaluation run 'nope'"):
         gap_table(res, "nope")
+
+
+def test_seed_pairs_is_the_paired_t_test_of_the_gap_table_rows():
+    """``--gap-table ... --seed-pair``: c-aware - SCM-free per gap metric and for the mean gap, paired by seed,
+    against scipy's paired t-test on the rows picked by hand; an unknown data type is refused."""
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    from benchmarks.exp_model import GAP_METRICS, seed_pairs
+
+    rng = np.random.default_rng(5)
+    dts = [f"c-aware-s{k}" for k in range(3)] + [f"free-s{k}" for k in range(3)] + ["real"]
+    table = pd.DataFrame({"data_type": dts, **{m: rng.uniform(0, 1, len(dts)) for m in GAP_METRICS}})
+    table["mean_gap"] = table[list(GAP_METRICS)].mean(axis=1)
+    pairs = [(str(k), f"c-aware-s{k}", f"free-s{k}") for k in range(3)]
+    out = seed_pairs(table, pairs, arm="gcd").set_index("metric")
+    assert set(out.index) == {*GAP_METRICS, "mean_gap"} and (out["seeds"] == 3).all()
+    for metric in [*GAP_METRICS, "mean_gap"]:
+        scm = table[metric].to_numpy()[:3]
+        free = table[metric].to_numpy()[3:6]
+        assert out.loc[metric, "diff_mean"] == pytest.approx((scm - free).mean(), rel=1e-12)
+        assert out.loc[metric, "p_ttest_rel"] == pytest.approx(stats.ttest_rel(scm, free).pvalue, rel=1e-9)
+    with pytest.raises(SystemExit, match="no data type 'nope'"):
+        seed_pairs(table, [("0", "nope", "free-s0"), ("1", "c-aware-s1", "free-s1")], arm="gcd")

@@ -148,3 +148,47 @@ def test_bad_inputs_are_user_errors(vocab):
     bad[0, 0] = 99
     with pytest.raises(UserError, match="out of range for source"):
         m(x, t, c, confounders=bad)
+
+
+def _first_level_output(model, x, t, c, conf, drop=None):
+    """Output of the U-Net's first (attention-free) down level, captured by a forward hook."""
+    seen = {}
+    handle = model.unet.down_blocks[0].register_forward_hook(lambda mod, args, out: seen.update(out=out[0]))
+    with torch.no_grad():
+        model(x, t, c, confounders=conf, drop_mask=drop)
+    handle.remove()
+    return seen["out"]
+
+
+@pytest.mark.parametrize("kind", ["scm", "scm-free"])
+def test_global_condition_reaches_the_attention_free_level(vocab, kind, tmp_path):
+    torch.manual_seed(4)
+    x, t, c, conf = _inputs(vocab)
+    other = torch.randn_like(c)
+    plain = ConfounderAwareDenoiser("tiny", kind, vocab, compound_dim=D, compound_tokens=2).eval()
+    # cross-attention only: the first level cannot see the compound
+    torch.testing.assert_close(_first_level_output(plain, x, t, c, conf), _first_level_output(plain, x, t, other, conf))
+    model = ConfounderAwareDenoiser("tiny", kind, vocab, compound_dim=D, compound_tokens=2, global_condition=True).eval()
+    assert not torch.allclose(_first_level_output(model, x, t, c, conf), _first_level_output(model, x, t, other, conf))
+    # the projection's input is the mean of the compound tokens, then the four confounder tokens (scm)
+    captured = {}
+    handle = model.unet.class_embedding.register_forward_hook(lambda mod, args, out: captured.update(arg=args[0]))
+    with torch.no_grad():
+        model(x, t, c, confounders=conf)
+        tokens, _ = model.condition(c, confounders=conf)
+    handle.remove()
+    expected = tokens[:, :2].mean(1)
+    if kind == "scm":
+        expected = torch.cat([expected] + [model.confounder_embed[k].weight[conf[:, k]] for k in range(4)], dim=1)
+    torch.testing.assert_close(captured["arg"], expected)
+    # a dropped compound is the null token on both paths: the output no longer depends on the compound
+    drop = torch.tensor([True, False, True])
+    with torch.no_grad():
+        a, b = model(x, t, c, confounders=conf, drop_mask=drop), model(x, t, other, confounders=conf, drop_mask=drop)
+    torch.testing.assert_close(a[[0, 2]], b[[0, 2]])
+    # the flag travels in the saved U-Net config
+    model.save_pretrained(tmp_path / kind)
+    loaded = ConfounderAwareDenoiser.from_pretrained(tmp_path / kind)
+    assert loaded.global_condition and not plain.global_condition
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, c, confounders=conf), model(x, t, c, confounders=conf), rtol=0, atol=0)

@@ -63,6 +63,27 @@ def test_loss_is_mse_to_the_true_velocity(model):
     torch.testing.assert_close(loss.detach(), ref)
 
 
+
+def test_compound_feature_dropout_is_inverted_dropout_on_the_input(model):
+    s = make_scheduler("ddpm")
+    x0, c = torch.randn(3, 8, 8, 8), torch.rand(3, D).round()     # 0/1, like fingerprint bits
+    conf = model.vocab.encode(["source_1"] * 3, ["b1", "b2", "b1"], ["A01"] * 3)
+    loss = v_prediction_loss(model, x0, c, confounders=conf, scheduler=s, compound_feature_dropout=0.5,
+                             generator=torch.Generator().manual_seed(7))
+    # by hand: timesteps, noise, then one keep/zero draw per input feature from the same generator
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    keep = torch.rand(c.shape, generator=g) >= 0.5
+    assert 0 < int(keep.sum()) < keep.numel()
+    with torch.no_grad():
+        pred = model(s.add_noise(x0, eps, t), t, c * keep / 0.5, confounders=conf)
+        unmasked = model(s.add_noise(x0, eps, t), t, c, confounders=conf)
+    target = s.get_velocity(x0, eps, t)
+    torch.testing.assert_close(loss.detach(), ((pred - target) ** 2).mean())
+    # the zeroed features reach the prediction (small at initialisation, but not nothing)
+    assert not torch.allclose(pred, unmasked, rtol=0, atol=1e-7)
+
 @pytest.mark.parametrize("kind", ["ddpm", "ddim", "dpm++"])
 def test_sample_depends_on_each_images_own_seed_only(model, kind):
     s = make_scheduler(kind)

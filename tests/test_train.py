@@ -262,12 +262,13 @@ def test_scm_free_on_s3_and_resume(ray_cluster, s3_lake):
 
     # 4x4 latents, while the tiny U-Net preset says 8: the model must record the side it was trained on
     write_training_lake(s3_lake, size=4)
+    # with the global condition (timestep-embedding path): its weights must train, export and resume too
     cfg = train.load_train_config("tiny", overrides={**TINY, "max_steps": 4, "checkpoint_every": 2,
-                                                     "val_every": 0}, model="scm-free")
+                                                     "val_every": 0, "global_condition": True}, model="scm-free")
     summary = train.run(s3_lake, cfg, run="free")
     assert summary["steps"] == 4 and summary["model"] == "scm-free"
     model = train.load_model(s3_lake, "free")
-    assert model.kind == "scm-free" and model.confounder_embed is None
+    assert model.kind == "scm-free" and model.confounder_embed is None and model.global_condition
     assert model.unet.config.sample_size == 4 and tuple(model.metadata["latent_shape"]) == (8, 4, 4)
     from pipelines.generate import resolve_model
     assert resolve_model(s3_lake, "free").latent_shape == (8, 4, 4)   # generation samples what was trained
@@ -281,11 +282,12 @@ def test_scm_free_on_s3_and_resume(ray_cluster, s3_lake):
     assert card.encoder_id == ENCODER_ID and card.vocabulary["batches"] == ("b1", "b2", "b3")
     # --resume with a changed science field is refused before any step; max_steps (when to stop) may change
     other_lr = train.load_train_config("tiny", overrides={**TINY, "max_steps": 6, "checkpoint_every": 2,
-                                                          "val_every": 0, "lr": 1.2345e-4}, model="scm-free")
+                                                          "val_every": 0, "lr": 1.2345e-4,
+                                                          "global_condition": True}, model="scm-free")
     with pytest.raises(UserError, match=r"--resume: run 'free' was trained with other .*\(config\.lr differ\)"):
         train.run(s3_lake, other_lr, run="free", resume=True)
     longer = train.load_train_config("tiny", overrides={**TINY, "max_steps": 6, "checkpoint_every": 2,
-                                                        "val_every": 0}, model="scm-free")
+                                                        "val_every": 0, "global_condition": True}, model="scm-free")
     resumed = train.run(s3_lake, longer, run="free", resume=True)
     assert resumed["restored_from"] == 4 and resumed["steps"] == 6
     steps = train.read_history(s3_lake, "free").query("split == 'train'")["step"].tolist()
