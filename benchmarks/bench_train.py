@@ -127,6 +127,14 @@ def run(quick: bool = False) -> list[dict]:
                                "1 thread, no Ray"))
         if preset == "small":   # the largest U-Net measured on CPUs is the one `cpldm cost` prices
             rows[-1].update(cost_stage="train", cost_per="vcpu")
+            # issue 18's lever "bf16 autocast on CPU where it is faster": the same step under CPU autocast
+            # (training ignores TrainConfig.bf16 on CPU; this says whether it should not)
+            b = bench_step(preset, size, batch, steps, bf16=True)
+            rows.append(result_row(f"train_step_{preset}_cpu_bf16", "samples/s per worker", b["samples_per_s"],
+                                   "samples/s", f"{preset} U-Net, {size}x{size} latents, batch {batch}, 1 thread, "
+                                   "torch.autocast(cpu, bfloat16), no Ray"))
+            rows.append(result_row(f"train_step_{preset}_cpu_bf16_speedup", "bf16 / fp32 samples/s",
+                                   b["samples_per_s"] / r["samples_per_s"], "ratio", "same run"))
     if torch.cuda.is_available():
         r = bench_step("paper", 48, 48, 10, device="cuda", bf16=True)
         rows.append(result_row("train_step_paper_gpu_bf16", "samples/s per GPU", r["samples_per_s"], "samples/s",

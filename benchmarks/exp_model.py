@@ -80,6 +80,11 @@ ARMS: dict[str, dict] = {
     # c2: min-SNR-5 on the b2 recipe (pairs by training seed with b2-4x-ema0.99-cosine)
     "c2-b2-minsnr5": {"max_steps": 960, "ema_decay": 0.99, "lr_schedule": "cosine", "checkpoint_every": 320,
                       "val_every": 160, "snr_gamma": 5.0},
+    # e: c2 plus the two conditioning levers measured on the science lake (global condition in the timestep
+    # embedding, inverted dropout 0.3 on the fingerprint bits; docs/train.md), for the unconfounded control
+    "e-c2-globalcond-featdrop0.3": {"max_steps": 960, "ema_decay": 0.99, "lr_schedule": "cosine",
+                                    "checkpoint_every": 320, "val_every": 160, "snr_gamma": 5.0,
+                                    "global_condition": True, "compound_feature_dropout": 0.3},
     "d-4x-ema-cosine-cdrop0.4": {"max_steps": 960, "ema_decay": 0.999, "lr_schedule": "cosine",
                                  "checkpoint_every": 320, "val_every": 160, "confounder_dropout": 0.4,
                                  "snr_gamma": 0.0},
@@ -240,6 +245,12 @@ def seed_pairs(table: pd.DataFrame, pairs: list[tuple[str, str, str]], arm: str)
     """c-aware - SCM-free gap closed paired by training seed (:func:`paired_over_seeds`) from one evaluation's
     :func:`gap_table`: ``pairs`` = [(seed, c-aware data type, SCM-free data type), ...], the models trained outside
     ``exp_model`` (e.g. with ``cpldm train --set seed=K`` into a science lake) and evaluated in one run."""
+    return paired_over_seeds(seed_rows(table, pairs, arm))
+
+
+def seed_rows(table: pd.DataFrame, pairs: list[tuple[str, str, str]], arm: str) -> pd.DataFrame:
+    """The rows of :func:`seed_pairs` before pairing, laid out as an ``exp_model_arms.parquet`` (arm, model,
+    seed, the gap metrics), so that :func:`world_interaction` can take them."""
     by_dt = table.set_index("data_type")
     rows = []
     for seed, scm_dt, free_dt in pairs:
@@ -248,7 +259,7 @@ def seed_pairs(table: pd.DataFrame, pairs: list[tuple[str, str, str]], arm: str)
                 raise SystemExit(f"--seed-pair: no data type {dt!r} in the evaluation; it has {sorted(by_dt.index)}")
             rows.append({"arm": arm, "model": model, "seed": int(seed),
                          **{m: float(by_dt.loc[dt, m]) for m in GAP_METRICS}})
-    return paired_over_seeds(pd.DataFrame(rows))
+    return pd.DataFrame(rows)
 
 
 def gap_markdown(table: pd.DataFrame) -> str:
@@ -467,8 +478,9 @@ def levers_markdown(results_dir: Path) -> list[str]:
              "(one row = one arm and model of one `exp_model` run under `benchmarks/results/<experiment>/`). "
              "Every run: the demo-preset jump world (or the unconfounded control where the directory says so), "
              "N=10, the demo evaluation folds, on a 2-core dev VM, no GPU (the `exp_model_seeds*` runs: the Intel "
-             "Xeon VM; `exp_model` and `exp_model_vae3000`: shared with other jobs, so their wall times are upper "
-             "bounds). Paired comparisons, intervals and reading: docs/train.md.", "", head,
+             "Xeon VM, except `exp_model_seeds_unconfounded_b2_minsnr` and `exp_model_seeds_unconfounded_levers`: "
+             "the AMD EPYC VM; `exp_model` and `exp_model_vae3000`: shared with other jobs, so their wall times "
+             "are upper bounds). Paired comparisons, intervals and reading: docs/train.md.", "", head,
              "|" + "---|" * 5 + "---:|" * 11]
     for r in table.itertuples(index=False):
         pct = [f"{100 * getattr(r, m):.0f}" for m in (*GAP_METRICS, "mean_gap")]
@@ -566,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --gap-table, repeated: the two models of one training seed in that evaluation; "
                              "writes the c-aware - SCM-free difference paired by seed to "
                              "OUT/paired_seeds_<EVAL_RUN>.csv")
+    parser.add_argument("--control-run", default=None, metavar="CONTROL_OUT",
+                        help="with --gap-table and --seed-pair: the --out dir of an exp_model --seeds run of one arm "
+                             "in the control world (the same recipe); compares the seed pairs' c-aware - SCM-free "
+                             "difference with that run's, to OUT/exp_model_interaction_<EVAL_RUN>.csv")
     parser.add_argument("--pair-arms", nargs=2, default=None, metavar=("BASE_OUT", "OTHER_OUT"),
                         help="two finished --seeds runs of different arms (same world, VAE, seeds): OTHER - BASE per "
                              "model, paired by seed, to <out>/exp_model_pair_arms.csv")
@@ -580,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (np.isfinite(args.guidance) and args.guidance >= 1.0):
         parser.error(f"--guidance must be a finite number >= 1, got {args.guidance}")
+    if args.control_run and not (args.gap_table and args.seed_pair):
+        parser.error("--control-run compares the --seed-pair rows of a --gap-table; give both")
     if args.copy_from and args.scenario != "jump":
         parser.error("--copy-from copies a demo lake, whose world is the jump scenario's; drop it to build the "
                      f"{args.scenario} world")
@@ -602,6 +620,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 paired.to_csv(Path(args.out) / f"paired_seeds_{eval_run}.csv", index=False)
             print(paired.round(3).to_string(index=False))
+            if args.control_run:
+                control = pd.read_parquet(Path(args.control_run) / "exp_model_arms.parquet").dropna(subset=["seed"])
+                arms = sorted(control["arm"].unique())
+                if len(arms) != 1:
+                    raise SystemExit(f"--control-run: {args.control_run} holds seeded runs of {len(arms)} arms "
+                                     f"({', '.join(arms) or 'none'}); it must hold one, the seed pairs' recipe")
+                interaction = world_interaction(seed_rows(table, args.seed_pair, arm=arms[0]), control)
+                if args.out:
+                    interaction.to_csv(Path(args.out) / f"exp_model_interaction_{eval_run}.csv", index=False)
+                print(interaction.round(3).to_string(index=False))
         return 0
     args.out = args.out or "benchmarks/results/exp_model"
     for pairs, compare, name in ((args.interaction, world_interaction, "exp_model_interaction.csv"),

@@ -254,6 +254,20 @@ def model_card(run: str, cfg: TrainConfig, data: "TrainingData", steps_done: int
         training_data_fingerprint=training_data_fingerprint(data), steps_done=steps_done)
 
 
+def with_added_defaults(stored: ModelCard, planned: ModelCard) -> ModelCard:
+    """``stored`` with the config keys it predates filled in from ``planned`` where ``planned`` holds the
+    TrainConfig default, for the resume comparison.
+
+    A TrainConfig key is only ever added with a default that trains exactly as cpldm did before it existed
+    (``compound_feature_dropout=0`` draws nothing, ``global_condition=False`` builds the same U-Net), so a run
+    whose card lacks the key was trained at that default. A key missing from the card but set to anything
+    else in ``planned`` stays a difference (the resume is refused, naming it)."""
+    defaults = {k: v for k, v in config_to_dict(TrainConfig()).items() if k in planned.config}
+    added = {k: planned.config[k] for k in planned.config.keys() - stored.config.keys()
+             if k in defaults and planned.config[k] == defaults[k]}
+    return replace(stored, config={**stored.config, **added}) if added else stored
+
+
 def read_model_card(lake, run: str) -> ModelCard:
     """The ModelCard of ``models/<run>/`` (one-line error naming `cpldm train --run <run>` when missing/older)."""
     return read_artifact(lake, ModelCard, run)
@@ -564,11 +578,16 @@ def run(lake, config: TrainConfig, run: str | None = None, resume: bool = False)
                         f"max(1, data_cpus={cfg.data_cpus:g})); lower --workers or --cpus-per-worker")
     data = prepare_data(lake, cfg, run)
     planned = model_card(run, cfg, data)
-    if stored is not None and stored.fingerprint != planned.fingerprint:
-        # one rule: resuming continues the same science on the same inputs; resources may change
-        raise UserError(f"--resume: run {run!r} was trained with other settings or inputs "
-                        f"({', '.join(planned.changed_fields(stored))} differ); choose another --run")
-    write_record(lake, run_dir(run), replace(planned, steps_done=stored.steps_done) if stored else planned)
+    if stored is not None:
+        compared = with_added_defaults(stored, planned)
+        if compared.fingerprint != planned.fingerprint:
+            # one rule: resuming continues the same science on the same inputs; resources may change
+            raise UserError(f"--resume: run {run!r} was trained with other settings or inputs "
+                            f"({', '.join(planned.changed_fields(compared))} differ); choose another --run")
+        # the card keeps the config it was first written with, so its fingerprint (which generation runs
+        # record as their input) does not change when a resume only adds keys at their defaults
+        planned = replace(planned, config=stored.config, steps_done=stored.steps_done)
+    write_record(lake, run_dir(run), planned)
     if data.rejects.num_rows:
         lake.write_named("rejects", data.rejects, part=run, partition={"stage": STAGE})
     effective_batch = cfg.batch_size * cfg.workers * cfg.grad_accum

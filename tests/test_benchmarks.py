@@ -317,3 +317,35 @@ def test_seed_pairs_is_the_paired_t_test_of_the_gap_table_rows():
         assert out.loc[metric, "p_ttest_rel"] == pytest.approx(stats.ttest_rel(scm, free).pvalue, rel=1e-9)
     with pytest.raises(SystemExit, match="no data type 'nope'"):
         seed_pairs(table, [("0", "nope", "free-s0"), ("1", "c-aware-s1", "free-s1")], arm="gcd")
+
+
+def test_world_interaction_of_seed_pairs_is_welch_on_the_per_seed_differences():
+    """``--gap-table ... --seed-pair ... --control-run``: the seed pairs of a science lake (confounded world) against
+    an exp_model --seeds run in the control world: per metric, the difference of the two worlds' mean c-aware -
+    SCM-free differences, with scipy's Welch t-test on the per-seed differences picked by hand."""
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    from benchmarks.exp_model import GAP_METRICS, seed_rows, world_interaction
+
+    rng = np.random.default_rng(7)
+    dts = [f"c-aware-s{k}" for k in range(3)] + [f"free-s{k}" for k in range(3)]
+    table = pd.DataFrame({"data_type": dts, **{m: rng.uniform(0, 1, len(dts)) for m in GAP_METRICS}})
+    pairs = [(str(k), f"c-aware-s{k}", f"free-s{k}") for k in range(3)]
+    # the control: 4 seeds (unequal sizes, so Welch's degrees of freedom matter), one arm
+    control = pd.DataFrame([{"arm": "e", "model": model, "seed": k, **{m: rng.uniform(0, 1) for m in GAP_METRICS}}
+                            for k in range(4) for model in ("scm", "scm-free")])
+    out = world_interaction(seed_rows(table, pairs, arm="e"), control).set_index("metric")
+    assert set(out.index) == {*GAP_METRICS, "mean_gap"}
+    assert (out["seeds_confounded"] == 3).all() and (out["seeds_control"] == 4).all()
+    for metric in [*GAP_METRICS, "mean_gap"]:
+        if metric == "mean_gap":
+            conf = table[list(GAP_METRICS)].mean(axis=1).to_numpy()
+            ctrl = control[list(GAP_METRICS)].mean(axis=1).to_numpy()
+        else:
+            conf, ctrl = table[metric].to_numpy(), control[metric].to_numpy()
+        x = conf[:3] - conf[3:]            # c-aware - SCM-free per seed, confounded world
+        y = ctrl[0::2] - ctrl[1::2]        # rows alternate scm, scm-free per seed
+        assert out.loc[metric, "interaction"] == pytest.approx(x.mean() - y.mean(), rel=1e-12)
+        assert out.loc[metric, "p_welch"] == pytest.approx(stats.ttest_ind(x, y, equal_var=False).pvalue, rel=1e-9)

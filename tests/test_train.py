@@ -288,8 +288,21 @@ def test_scm_free_on_s3_and_resume(ray_cluster, s3_lake):
         train.run(s3_lake, other_lr, run="free", resume=True)
     longer = train.load_train_config("tiny", overrides={**TINY, "max_steps": 6, "checkpoint_every": 2,
                                                         "val_every": 0, "global_condition": True}, model="scm-free")
+    # a card written before two TrainConfig keys existed (as an older cpldm wrote it): the key left at its
+    # default (compound_feature_dropout 0) counts as equal, the one set otherwise (global_condition) differs
+    from dataclasses import replace
+    from storage_schemas.artifacts import write_record
+    old_config = {k: v for k, v in card.config.items() if k not in ("compound_feature_dropout", "global_condition")}
+    write_record(s3_lake, "models/free", replace(card, config=old_config))
+    with pytest.raises(UserError, match=r"\(config\.global_condition differ\)"):
+        train.run(s3_lake, longer, run="free", resume=True)
+    old_config["global_condition"] = True
+    write_record(s3_lake, "models/free", replace(card, config=old_config))
+    old_fingerprint = train.read_model_card(s3_lake, "free").fingerprint
     resumed = train.run(s3_lake, longer, run="free", resume=True)
     assert resumed["restored_from"] == 4 and resumed["steps"] == 6
+    # the card keeps the config it was written with: generation runs that name it as input still match
+    assert train.read_model_card(s3_lake, "free").fingerprint == old_fingerprint
     steps = train.read_history(s3_lake, "free").query("split == 'train'")["step"].tolist()
     assert steps == list(range(1, 7))
     assert train.read_model_card(s3_lake, "free").steps_done == 6
