@@ -262,7 +262,7 @@ def with_added_defaults(stored: ModelCard, planned: ModelCard) -> ModelCard:
     (``compound_feature_dropout=0`` draws nothing, ``global_condition=False`` builds the same U-Net), so a run
     whose card lacks the key was trained at that default. A key missing from the card but set to anything
     else in ``planned`` stays a difference (the resume is refused, naming it)."""
-    defaults = {k: v for k, v in config_to_dict(TrainConfig()).items() if k in planned.config}
+    defaults = config_to_dict(TrainConfig())
     added = {k: planned.config[k] for k in planned.config.keys() - stored.config.keys()
              if k in defaults and planned.config[k] == defaults[k]}
     return replace(stored, config={**stored.config, **added}) if added else stored
